@@ -1,0 +1,197 @@
+//! The attribute and capacity values upstream publishes for GPU and static
+//! MIG devices, computed from backend data (no Kubernetes types here; the
+//! agent maps these onto `resource.k8s.io` attributes).
+//!
+//! Names and forms follow upstream: unqualified attribute names except the
+//! two `resource.kubernetes.io/*` ones; versions normalised the way Go's
+//! Masterminds semver prints them (`570.172.08` → `570.172.8`, `12.8` →
+//! `12.8.0`); memory in bytes; one `memorySlice<i>` capacity per slice a
+//! static MIG device occupies. Optional facts (PCIe root, addressing mode,
+//! memory) are omitted when unknown, never published empty.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::device::{DriverInfo, GpuInfo};
+use crate::mig::MigDeviceInfo;
+
+/// A device attribute value.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum AttributeValue {
+    /// A string.
+    String(String),
+    /// A semantic version, already normalised.
+    Version(String),
+    /// An integer.
+    Int(i64),
+    /// A boolean.
+    Bool(bool),
+}
+
+/// Attributes by name.
+pub type Attributes = BTreeMap<String, AttributeValue>;
+
+/// Capacities by name: byte counts or plain counts.
+pub type Capacities = BTreeMap<String, u64>;
+
+/// The PCI bus ID attribute's name.
+pub const PCI_BUS_ID: &str = "resource.kubernetes.io/pciBusID";
+/// The PCIe root attribute's name.
+pub const PCIE_ROOT: &str = "resource.kubernetes.io/pcieRoot";
+
+/// Attributes of a full GPU device (`type` = `gpu`).
+pub fn gpu_attributes(driver: &DriverInfo, gpu: &GpuInfo) -> Attributes {
+    let mut attrs = common(driver, gpu);
+    attrs.insert("type".into(), AttributeValue::String("gpu".into()));
+    attrs.insert("uuid".into(), AttributeValue::String(gpu.uuid.clone()));
+    attrs
+}
+
+/// Attributes of a static MIG device (`type` = `mig`): its own UUID, parent
+/// UUID and profile, plus the parent's facts.
+pub fn mig_attributes(driver: &DriverInfo, parent: &GpuInfo, mig: &MigDeviceInfo) -> Attributes {
+    let mut attrs = common(driver, parent);
+    let s = |v: &str| AttributeValue::String(v.to_owned());
+    attrs.insert("type".into(), s("mig"));
+    attrs.insert("uuid".into(), s(&mig.uuid));
+    attrs.insert("parentUUID".into(), s(&mig.parent_uuid));
+    attrs.insert("profile".into(), s(&mig.profile));
+    attrs
+}
+
+/// Capacities of a full GPU: `memory` when known.
+pub fn gpu_capacities(gpu: &GpuInfo) -> Capacities {
+    gpu.memory_bytes
+        .map(|m| ("memory".to_owned(), m))
+        .into_iter()
+        .collect()
+}
+
+/// Capacities of a static MIG device: engines, memory and one
+/// `memorySlice<i>` per occupied slice.
+pub fn mig_capacities(mig: &MigDeviceInfo) -> Capacities {
+    let c = &mig.capacities;
+    let mut caps: Capacities = [
+        ("multiprocessors", u64::from(c.multiprocessors)),
+        ("copyEngines", u64::from(c.copy_engines)),
+        ("decoders", u64::from(c.decoders)),
+        ("encoders", u64::from(c.encoders)),
+        ("jpegEngines", u64::from(c.jpeg_engines)),
+        ("ofaEngines", u64::from(c.ofa_engines)),
+        ("memory", c.memory_bytes),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    caps.extend(mig.memory_slices().map(|i| (format!("memorySlice{i}"), 1)));
+    caps
+}
+
+fn common(driver: &DriverInfo, gpu: &GpuInfo) -> Attributes {
+    let s = |v: &str| AttributeValue::String(v.to_owned());
+    let mut attrs = Attributes::new();
+    attrs.insert("productName".into(), s(&gpu.product_name));
+    attrs.insert("brand".into(), s(&gpu.brand));
+    attrs.insert("architecture".into(), s(gpu.architecture.as_str()));
+    let versions = [
+        (
+            "cudaComputeCapability",
+            gpu.cuda_compute_capability.to_string(),
+        ),
+        ("driverVersion", driver.driver_version.clone()),
+        ("cudaDriverVersion", driver.cuda_driver_version.to_string()),
+    ];
+    for (name, raw) in versions {
+        match semver(&raw) {
+            Some(v) => {
+                attrs.insert(name.into(), AttributeValue::Version(v));
+            }
+            None => {
+                tracing::warn!(gpu = %gpu.uuid, attribute = name, value = %raw, "not a version; attribute omitted")
+            }
+        }
+    }
+    attrs.insert(PCI_BUS_ID.into(), s(&gpu.pci_bus_id));
+    if let Some(root) = &gpu.pcie_root {
+        attrs.insert(PCIE_ROOT.into(), s(root));
+    }
+    if let Some(mode) = gpu.addressing_mode {
+        attrs.insert("addressingMode".into(), s(mode.as_str()));
+    }
+    attrs
+}
+
+/// Normalises a version the way Go's Masterminds `semver.NewVersion(v)
+/// .String()` does: an optional `v` is dropped, missing minor/patch become
+/// 0, leading zeros go, pre-release and build metadata are kept. `None` when
+/// `raw` is not a version.
+pub fn semver(raw: &str) -> Option<String> {
+    let raw = raw.strip_prefix('v').unwrap_or(raw);
+    let (core, meta) = match raw.split_once('+') {
+        Some((c, m)) => (c, Some(m)),
+        None => (raw, None),
+    };
+    let (core, pre) = match core.split_once('-') {
+        Some((c, p)) => (c, Some(p)),
+        None => (core, None),
+    };
+    let parts: Vec<&str> = core.split('.').collect();
+    if parts.is_empty() || parts.len() > 3 {
+        return None;
+    }
+    let mut nums = [0u64; 3];
+    for (slot, part) in nums.iter_mut().zip(&parts) {
+        if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
+            return None;
+        }
+        *slot = part.parse().ok()?;
+    }
+    let tail_ok = |t: &str| {
+        !t.is_empty()
+            && t.split('.').all(|id| {
+                !id.is_empty() && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            })
+    };
+    let mut out = format!("{}.{}.{}", nums[0], nums[1], nums[2]);
+    if let Some(pre) = pre {
+        if !tail_ok(pre) {
+            return None;
+        }
+        out.push('-');
+        out.push_str(pre);
+    }
+    if let Some(meta) = meta {
+        if !tail_ok(meta) {
+            return None;
+        }
+        out.push('+');
+        out.push_str(meta);
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn semver_normalisation() {
+        let cases = [
+            ("570.172.08", Some("570.172.8")),
+            ("12.8", Some("12.8.0")),
+            ("9.0", Some("9.0.0")),
+            ("10", Some("10.0.0")),
+            ("v1.2.3-rc.1+abc", Some("1.2.3-rc.1+abc")),
+            ("580.82.07", Some("580.82.7")),
+            ("1.2.3.4", None),
+            ("1..2", None),
+            ("r570", None),
+            ("", None),
+            ("1.2.3-", None),
+        ];
+        for (raw, want) in cases {
+            assert_eq!(semver(raw).as_deref(), want, "{raw:?}");
+        }
+    }
+}

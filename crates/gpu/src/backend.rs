@@ -1,0 +1,110 @@
+//! The [`GpuBackend`] trait: everything the node agent asks of the hardware.
+//!
+//! Two implementations exist: [`crate::NvmlBackend`] (real GPUs, read-only
+//! for now) and [`crate::FakeBackend`] (deterministic, from a profile).
+//! The agent holds an `Arc<dyn GpuBackend>` and never learns which one.
+//!
+//! Contract for implementors:
+//! - methods are safe to call from any thread, concurrently;
+//! - no method blocks without bound: NVML calls are bounded by the NVML
+//!   backend's timeout and fail with [`Error::Timeout`];
+//! - GPUs are returned sorted by NVML index, MIG devices by
+//!   (GPU-instance ID, compute-instance ID), profiles in NVML's order;
+//! - an unsupported feature is an empty answer (`None`, empty list), not an
+//!   error; an error means the question could not be answered.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::Error;
+use crate::device::{DriverInfo, GpuInfo};
+use crate::fabric::FabricInfo;
+use crate::mig::{MigDeviceInfo, MigProfile};
+use crate::nodes::{self, DeviceNode, MigCapabilities};
+
+/// Read access to a node's GPUs.
+pub trait GpuBackend: Send + Sync {
+    /// Driver version and CUDA driver version.
+    fn driver(&self) -> Result<DriverInfo, Error>;
+
+    /// Every full GPU, sorted by NVML index.
+    fn gpus(&self) -> Result<Vec<GpuInfo>, Error>;
+
+    /// The MIG devices that exist on `gpu` (empty when MIG is off).
+    fn mig_devices(&self, gpu: &GpuInfo) -> Result<Vec<MigDeviceInfo>, Error>;
+
+    /// The MIG profiles `gpu` offers (empty when it is not MIG capable).
+    fn mig_profiles(&self, gpu: &GpuInfo) -> Result<Vec<MigProfile>, Error>;
+
+    /// NVLink fabric facts of `gpu`; `None` when the driver or GPU does not
+    /// support fabric queries.
+    fn fabric(&self, gpu: &GpuInfo) -> Result<Option<FabricInfo>, Error>;
+
+    /// The capability minors a container needs to use `mig`.
+    fn mig_capabilities(&self, mig: &MigDeviceInfo) -> Result<MigCapabilities, Error>;
+
+    /// Root under which `/dev` holds the device nodes (`/` or the driver
+    /// root).
+    fn dev_root(&self) -> &Path;
+
+    /// Everything above in one answer, the agent's startup snapshot.
+    fn inventory(&self) -> Result<Inventory, Error> {
+        let driver = self.driver()?;
+        let gpus = self
+            .gpus()?
+            .into_iter()
+            .map(|info| {
+                Ok(GpuInventory {
+                    mig_devices: self.mig_devices(&info)?,
+                    mig_profiles: self.mig_profiles(&info)?,
+                    fabric: self.fabric(&info)?,
+                    info,
+                })
+            })
+            .collect::<Result<_, Error>>()?;
+        Ok(Inventory { driver, gpus })
+    }
+
+    /// The device node of a full GPU, `/dev/nvidia<minor>`.
+    fn gpu_device_nodes(&self, gpu: &GpuInfo) -> Vec<DeviceNode> {
+        vec![nodes::gpu_node(self.dev_root(), gpu.minor)]
+    }
+
+    /// The control nodes every GPU container needs (`/dev/nvidiactl`,
+    /// `/dev/nvidia-uvm`, `/dev/nvidia-uvm-tools`).
+    fn control_device_nodes(&self) -> Vec<DeviceNode> {
+        nodes::control_nodes(self.dev_root())
+    }
+
+    /// The nodes of a MIG device: its parent GPU's node and the GPU- and
+    /// compute-instance capability nodes.
+    fn mig_device_nodes(&self, mig: &MigDeviceInfo) -> Result<Vec<DeviceNode>, Error> {
+        let caps = self.mig_capabilities(mig)?;
+        let mut nodes = vec![nodes::gpu_node(self.dev_root(), mig.parent_minor)];
+        nodes.extend(caps.nodes(self.dev_root()));
+        Ok(nodes)
+    }
+}
+
+/// A snapshot of a node's GPUs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Inventory {
+    /// Driver facts.
+    pub driver: DriverInfo,
+    /// Every full GPU with its MIG state, sorted by index.
+    pub gpus: Vec<GpuInventory>,
+}
+
+/// One GPU with everything known about it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GpuInventory {
+    /// The GPU.
+    pub info: GpuInfo,
+    /// Its existing MIG devices.
+    pub mig_devices: Vec<MigDeviceInfo>,
+    /// The MIG profiles it offers.
+    pub mig_profiles: Vec<MigProfile>,
+    /// Its NVLink fabric facts, if supported.
+    pub fabric: Option<FabricInfo>,
+}

@@ -1,0 +1,222 @@
+//! The NVML calls nvml-wrapper 0.13 lacks or gets wrong, made through the
+//! raw symbols of the library it already loaded. This is the crate's only
+//! `unsafe` code.
+//!
+//! Calls: `nvmlDeviceGetGpuFabricInfo` (falling back to
+//! `nvmlDeviceGetGpuFabricInfoV`), `nvmlDeviceGetAddressingMode`,
+//! `nvmlDeviceGetGpuInstanceId`, `nvmlDeviceGetComputeInstanceId`,
+//! `nvmlDeviceGetGpuInstanceById` + `nvmlGpuInstanceGetInfo`, and
+//! `nvmlDeviceGetGpuInstancePossiblePlacements_v2` (nvml-wrapper's own
+//! version never sets the length of the vector it returns, so it always
+//! answers "no placements").
+//!
+//! Invariants every unsafe block relies on:
+//! - symbols come from `Nvml::lib()`, resolved by libloading against the
+//!   bindgen signatures of nvml-wrapper-sys, which match `nvml.h`;
+//! - device handles come from live `Device` values, which borrow the `Nvml`
+//!   that keeps the library loaded and initialised;
+//! - every out-parameter is a valid, initialised, exclusively borrowed local
+//!   that outlives the call, and versioned structs carry the
+//!   `NVML_STRUCT_VERSION` NVML expects for their layout.
+//!
+//! Failure modes: a symbol missing from an older driver is `Ok(None)` for the
+//! optional queries (fabric, addressing mode) and
+//! `NvmlError::FailedToLoadSymbol` otherwise; NVML errors come back as
+//! [`NvmlError`] via `nvml_try`.
+
+// This module exists to hold the raw FFI calls; see the invariants above.
+#![allow(unsafe_code)]
+
+use std::os::raw::c_uint;
+
+use nvml_wrapper::Device;
+use nvml_wrapper::error::{NvmlError, nvml_sym, nvml_try};
+use nvml_wrapper_sys::bindings as sys;
+
+/// `NVML_STRUCT_VERSION(type, version)`: the struct size tagged with the
+/// version in the top byte.
+fn struct_version<T>(version: u32) -> c_uint {
+    // NVML structs are a few hundred bytes at most; the size fits in 24 bits.
+    (std::mem::size_of::<T>() as c_uint) | (version << 24)
+}
+
+fn handle(device: &Device<'_>) -> sys::nvmlDevice_t {
+    // SAFETY: `Device::handle` only returns the handle the wrapper holds; it
+    // is unsafe to discourage casual FFI use, not because reading it can go
+    // wrong. The handle stays valid while `device` borrows its `Nvml`.
+    unsafe { device.handle() }
+}
+
+/// Fabric facts as NVML reports them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct RawFabric {
+    pub cluster_uuid: [u8; 16],
+    pub clique_id: u32,
+    pub state: u8,
+    pub status: u32,
+}
+
+/// `nvmlDeviceGetGpuFabricInfo`, or `...InfoV` where only that exists.
+/// `Ok(None)`: neither symbol exists or the GPU does not support the query.
+pub(super) fn fabric_info(device: &Device<'_>) -> Result<Option<RawFabric>, NvmlError> {
+    let lib = device.nvml().lib();
+    let result = if let Ok(sym) = lib.nvmlDeviceGetGpuFabricInfo.as_ref() {
+        let mut info = sys::nvmlGpuFabricInfo_t {
+            clusterUuid: [0; 16],
+            status: 0,
+            cliqueId: 0,
+            state: 0,
+        };
+        // SAFETY: `sym` is NVML's nvmlDeviceGetGpuFabricInfo with the bindgen
+        // signature; `handle` is live; `info` is a valid out-parameter of the
+        // v1 layout this symbol writes.
+        let ret = unsafe { sym(handle(device), &mut info) };
+        nvml_try(ret).map(|()| RawFabric {
+            cluster_uuid: info.clusterUuid,
+            clique_id: info.cliqueId,
+            state: info.state,
+            status: info.status,
+        })
+    } else if let Ok(sym) = lib.nvmlDeviceGetGpuFabricInfoV.as_ref() {
+        let mut info = sys::nvmlGpuFabricInfoV_t {
+            version: struct_version::<sys::nvmlGpuFabricInfo_v3_t>(3),
+            clusterUuid: [0; 16],
+            status: 0,
+            cliqueId: 0,
+            state: 0,
+            healthMask: 0,
+            healthSummary: 0,
+        };
+        // SAFETY: as above, for the versioned symbol; `info.version` tells
+        // NVML the buffer has the v3 layout it is.
+        let ret = unsafe { sym(handle(device), &mut info) };
+        nvml_try(ret).map(|()| RawFabric {
+            cluster_uuid: info.clusterUuid,
+            clique_id: info.cliqueId,
+            state: info.state,
+            status: info.status,
+        })
+    } else {
+        return Ok(None);
+    };
+    match result {
+        Ok(info) => Ok(Some(info)),
+        Err(NvmlError::NotSupported) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// `nvmlDeviceGetAddressingMode`: 0 none, 1 HMM, 2 ATS. `Ok(None)`: the
+/// symbol is missing (drivers before R575) or the platform does not support
+/// the query.
+pub(super) fn addressing_mode(device: &Device<'_>) -> Result<Option<u32>, NvmlError> {
+    let Ok(sym) = device.nvml().lib().nvmlDeviceGetAddressingMode.as_ref() else {
+        return Ok(None);
+    };
+    let mut mode = sys::nvmlDeviceAddressingMode_t {
+        version: struct_version::<sys::nvmlDeviceAddressingMode_v1_t>(1),
+        value: 0,
+    };
+    // SAFETY: `sym` has the bindgen signature of nvmlDeviceGetAddressingMode;
+    // `handle` is live; `mode` is a v1-tagged out-parameter of the v1 layout.
+    let ret = unsafe { sym(handle(device), &mut mode) };
+    match nvml_try(ret) {
+        Ok(()) => Ok(Some(mode.value)),
+        Err(NvmlError::NotSupported) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+/// `nvmlDeviceGetGpuInstanceId` of a MIG device handle.
+pub(super) fn gpu_instance_id(mig: &Device<'_>) -> Result<u32, NvmlError> {
+    let sym = nvml_sym(mig.nvml().lib().nvmlDeviceGetGpuInstanceId.as_ref())?;
+    let mut id: c_uint = 0;
+    // SAFETY: bindgen signature; live MIG handle; `id` is a valid out-pointer.
+    let ret = unsafe { sym(handle(mig), &mut id) };
+    nvml_try(ret).map(|()| id)
+}
+
+/// `nvmlDeviceGetComputeInstanceId` of a MIG device handle.
+pub(super) fn compute_instance_id(mig: &Device<'_>) -> Result<u32, NvmlError> {
+    let sym = nvml_sym(mig.nvml().lib().nvmlDeviceGetComputeInstanceId.as_ref())?;
+    let mut id: c_uint = 0;
+    // SAFETY: bindgen signature; live MIG handle; `id` is a valid out-pointer.
+    let ret = unsafe { sym(handle(mig), &mut id) };
+    nvml_try(ret).map(|()| id)
+}
+
+/// A GPU instance's profile ID and placement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) struct RawGpuInstance {
+    pub profile_id: u32,
+    pub placement_start: u32,
+    pub placement_size: u32,
+}
+
+/// `nvmlDeviceGetGpuInstanceById` then `nvmlGpuInstanceGetInfo` on the
+/// parent GPU.
+pub(super) fn gpu_instance(parent: &Device<'_>, gi_id: u32) -> Result<RawGpuInstance, NvmlError> {
+    let lib = parent.nvml().lib();
+    let by_id = nvml_sym(lib.nvmlDeviceGetGpuInstanceById.as_ref())?;
+    let get_info = nvml_sym(lib.nvmlGpuInstanceGetInfo.as_ref())?;
+    let mut gi: sys::nvmlGpuInstance_t = std::ptr::null_mut();
+    // SAFETY: bindgen signature; live parent handle; `gi` is a valid
+    // out-pointer. The GI handle NVML returns is owned by NVML and stays valid
+    // while the GPU instance exists; it is used only in the next call.
+    let ret = unsafe { by_id(handle(parent), gi_id, &mut gi) };
+    nvml_try(ret)?;
+    let mut info = sys::nvmlGpuInstanceInfo_t {
+        device: std::ptr::null_mut(),
+        id: 0,
+        profileId: 0,
+        placement: sys::nvmlGpuInstancePlacement_t { start: 0, size: 0 },
+    };
+    // SAFETY: bindgen signature; `gi` was just returned by NVML; `info` is a
+    // valid out-parameter of the unversioned layout this symbol writes.
+    let ret = unsafe { get_info(gi, &mut info) };
+    nvml_try(ret)?;
+    Ok(RawGpuInstance {
+        profile_id: info.profileId,
+        placement_start: info.placement.start,
+        placement_size: info.placement.size,
+    })
+}
+
+/// `nvmlDeviceGetGpuInstancePossiblePlacements_v2` for the GPU-instance
+/// profile *ID* `profile_id`: (start, size) pairs.
+pub(super) fn possible_placements(
+    device: &Device<'_>,
+    profile_id: u32,
+) -> Result<Vec<(u32, u32)>, NvmlError> {
+    let sym = nvml_sym(
+        device
+            .nvml()
+            .lib()
+            .nvmlDeviceGetGpuInstancePossiblePlacements_v2
+            .as_ref(),
+    )?;
+    let mut count: c_uint = 0;
+    // SAFETY: bindgen signature; live handle; a null `placements` asks NVML
+    // for the count only, written to the valid `count` out-pointer.
+    let ret = unsafe { sym(handle(device), profile_id, std::ptr::null_mut(), &mut count) };
+    nvml_try(ret)?;
+    if count == 0 {
+        return Ok(Vec::new());
+    }
+    let mut placements =
+        vec![sys::nvmlGpuInstancePlacement_t { start: 0, size: 0 }; count as usize];
+    // SAFETY: `placements` holds `count` initialised elements and `count`
+    // tells NVML that capacity; NVML writes at most that many and stores the
+    // number written back into `count`.
+    let ret = unsafe {
+        sym(
+            handle(device),
+            profile_id,
+            placements.as_mut_ptr(),
+            &mut count,
+        )
+    };
+    nvml_try(ret)?;
+    placements.truncate(count as usize);
+    Ok(placements.into_iter().map(|p| (p.start, p.size)).collect())
+}
