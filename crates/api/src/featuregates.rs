@@ -1,0 +1,499 @@
+//! Feature gates shared by every nvdra component.
+//!
+//! The gate names, defaults and stages are upstream's, so the chart's `featureGates` map and the
+//! `FEATURE_GATES` / `--feature-gates` value (`Name=true,Other=false`) mean the same to nvdra.
+//! One [`FeatureGates`] value is parsed at startup and passed down explicitly (no global);
+//! components hand it to child processes via its [`Display`](fmt::Display) form, which lists
+//! every gate and parses back to an equal value.
+//!
+//! Parsing ([`FromStr`]) also runs [`FeatureGates::validate`], so a value accepted as a clap
+//! argument is always consistent: gates that depend on each other or exclude each other are
+//! rejected at startup with an error naming both gates.
+
+use std::fmt;
+use std::str::FromStr;
+
+/// Maturity of a gate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// Off by default, may change or disappear.
+    Alpha,
+    /// On or off by default, well tested.
+    Beta,
+}
+
+impl Stage {
+    /// `Alpha` or `Beta`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Alpha => "Alpha",
+            Self::Beta => "Beta",
+        }
+    }
+}
+
+macro_rules! gates {
+    ($($(#[$doc:meta])* $variant:ident = $default:literal, $stage:ident;)*) => {
+        /// A feature gate, named as upstream.
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+        pub enum FeatureGate {
+            $($(#[$doc])* $variant,)*
+        }
+
+        impl FeatureGate {
+            /// Every gate, in declaration (and `Display`) order.
+            pub const ALL: &'static [FeatureGate] = &[$(FeatureGate::$variant,)*];
+
+            /// The gate's name as written in `--feature-gates`.
+            pub fn name(self) -> &'static str {
+                match self { $(Self::$variant => stringify!($variant),)* }
+            }
+
+            /// Whether the gate is on when not set.
+            pub fn default_enabled(self) -> bool {
+                match self { $(Self::$variant => $default,)* }
+            }
+
+            /// The gate's maturity.
+            pub fn stage(self) -> Stage {
+                match self { $(Self::$variant => Stage::$stage,)* }
+            }
+        }
+    };
+}
+
+gates! {
+    /// `sharing.strategy: TimeSlicing` and time-slice intervals; TimeSlicing becomes the
+    /// implied default sharing.
+    TimeSlicingSettings = false, Alpha;
+    /// `sharing.strategy: MPS` (per-claim MPS control daemon).
+    MPSSupport = false, Alpha;
+    /// IMEX peers addressed by stable DNS names instead of IPs.
+    IMEXDaemonsWithDNSNames = true, Beta;
+    /// VFIO passthrough devices.
+    PassthroughSupport = false, Alpha;
+    /// Dynamic MIG partitioning (KEP-4815 partitionable devices).
+    DynamicMIG = false, Alpha;
+    /// NVML health events as device taints (KEP-5055).
+    NVMLDeviceHealthCheck = false, Alpha;
+    /// Per-daemon rows in ComputeDomainClique objects instead of ComputeDomain status.
+    ComputeDomainCliques = true, Beta;
+    /// The compute-domain plugin fails startup on NVLink fabric errors.
+    CrashOnNVLinkFabricErrors = true, Beta;
+    /// Device metadata on prepared devices (KEP-5304).
+    DeviceMetadata = false, Alpha;
+}
+
+impl FeatureGate {
+    /// Looks a gate up by its exact (case-sensitive) name.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.iter().copied().find(|g| g.name() == name)
+    }
+}
+
+impl fmt::Display for FeatureGate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// Comma-separated names of every gate, for error messages.
+fn known_gates() -> String {
+    FeatureGate::ALL
+        .iter()
+        .map(|g| g.name())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Parsing or validating feature gates failed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FeatureGateError {
+    /// An entry is not `Name=value`.
+    #[error("invalid feature gate entry {entry:?}: expected Name=true or Name=false")]
+    MissingValue {
+        /// The entry as written.
+        entry: String,
+    },
+    /// The name is not a known gate.
+    #[error("unknown feature gate {name:?}; known gates: {known}")]
+    UnknownGate {
+        /// The unknown name.
+        name: String,
+        /// Every known gate.
+        known: String,
+    },
+    /// The value is not a boolean.
+    #[error("invalid value {value:?} for feature gate {gate}: expected true or false")]
+    InvalidValue {
+        /// The gate.
+        gate: FeatureGate,
+        /// The rejected value.
+        value: String,
+    },
+    /// A gate is enabled without a gate it builds on.
+    #[error("feature gate {gate} requires feature gate {required} to be enabled")]
+    MissingDependency {
+        /// The enabled gate.
+        gate: FeatureGate,
+        /// The disabled gate it needs.
+        required: FeatureGate,
+    },
+    /// Two gates that cannot work together are both enabled.
+    #[error("feature gates {first} and {second} are mutually exclusive; enable at most one")]
+    MutuallyExclusive {
+        /// One gate.
+        first: FeatureGate,
+        /// The other gate.
+        second: FeatureGate,
+    },
+}
+
+/// `gate` needs `required` to be enabled too.
+const DEPENDENCIES: &[(FeatureGate, FeatureGate)] = &[
+    (
+        FeatureGate::ComputeDomainCliques,
+        FeatureGate::IMEXDaemonsWithDNSNames,
+    ),
+    (FeatureGate::DeviceMetadata, FeatureGate::PassthroughSupport),
+];
+
+/// Pairs that must not both be enabled.
+const EXCLUSIONS: &[(FeatureGate, FeatureGate)] = &[
+    (FeatureGate::DynamicMIG, FeatureGate::PassthroughSupport),
+    (FeatureGate::DynamicMIG, FeatureGate::NVMLDeviceHealthCheck),
+    (FeatureGate::DynamicMIG, FeatureGate::MPSSupport),
+    (
+        FeatureGate::PassthroughSupport,
+        FeatureGate::NVMLDeviceHealthCheck,
+    ),
+];
+
+/// The effective value of every gate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FeatureGates {
+    enabled: [bool; FeatureGate::ALL.len()],
+}
+
+impl Default for FeatureGates {
+    /// Every gate at its default.
+    fn default() -> Self {
+        let mut enabled = [false; FeatureGate::ALL.len()];
+        for gate in FeatureGate::ALL {
+            enabled[*gate as usize] = gate.default_enabled();
+        }
+        Self { enabled }
+    }
+}
+
+impl FeatureGates {
+    /// Whether `gate` is on.
+    pub fn enabled(&self, gate: FeatureGate) -> bool {
+        self.enabled[gate as usize]
+    }
+
+    /// Sets `gate`. Does not validate: call [`validate`](Self::validate) when done.
+    pub fn set(&mut self, gate: FeatureGate, enabled: bool) {
+        self.enabled[gate as usize] = enabled;
+    }
+
+    /// A copy with `gate` set; handy in tests and builders.
+    #[must_use]
+    pub fn with(mut self, gate: FeatureGate, enabled: bool) -> Self {
+        self.set(gate, enabled);
+        self
+    }
+
+    /// Parses `Name=bool,…` on top of the defaults without checking dependencies. Whitespace
+    /// around names and values and empty entries are ignored; a later entry for the same gate
+    /// wins. Values accept Go's `strconv.ParseBool` spellings (`true`, `1`, `T`, `FALSE`, …).
+    pub fn parse_unvalidated(text: &str) -> Result<Self, FeatureGateError> {
+        let mut gates = Self::default();
+        for entry in text.split(',') {
+            let entry = entry.trim();
+            if entry.is_empty() {
+                continue;
+            }
+            let Some((name, value)) = entry.split_once('=') else {
+                return Err(FeatureGateError::MissingValue {
+                    entry: entry.to_owned(),
+                });
+            };
+            let name = name.trim();
+            let gate =
+                FeatureGate::from_name(name).ok_or_else(|| FeatureGateError::UnknownGate {
+                    name: name.to_owned(),
+                    known: known_gates(),
+                })?;
+            let value = value.trim();
+            let enabled = parse_bool(value).ok_or_else(|| FeatureGateError::InvalidValue {
+                gate,
+                value: value.to_owned(),
+            })?;
+            gates.set(gate, enabled);
+        }
+        Ok(gates)
+    }
+
+    /// Checks dependencies and exclusions between gates; reports the first violation.
+    pub fn validate(&self) -> Result<(), FeatureGateError> {
+        for &(gate, required) in DEPENDENCIES {
+            if self.enabled(gate) && !self.enabled(required) {
+                return Err(FeatureGateError::MissingDependency { gate, required });
+            }
+        }
+        for &(first, second) in EXCLUSIONS {
+            if self.enabled(first) && self.enabled(second) {
+                return Err(FeatureGateError::MutuallyExclusive { first, second });
+            }
+        }
+        Ok(())
+    }
+
+    /// `(gate, enabled)` for every gate, in [`FeatureGate::ALL`] order.
+    pub fn iter(&self) -> impl Iterator<Item = (FeatureGate, bool)> + '_ {
+        FeatureGate::ALL.iter().map(|g| (*g, self.enabled(*g)))
+    }
+}
+
+/// Go's `strconv.ParseBool`.
+fn parse_bool(value: &str) -> Option<bool> {
+    match value {
+        "1" | "t" | "T" | "true" | "TRUE" | "True" => Some(true),
+        "0" | "f" | "F" | "false" | "FALSE" | "False" => Some(false),
+        _ => None,
+    }
+}
+
+impl FromStr for FeatureGates {
+    type Err = FeatureGateError;
+
+    /// [`parse_unvalidated`](Self::parse_unvalidated) followed by
+    /// [`validate`](Self::validate); usable directly as a clap value parser.
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let gates = Self::parse_unvalidated(s)?;
+        gates.validate()?;
+        Ok(gates)
+    }
+}
+
+impl fmt::Display for FeatureGates {
+    /// Every gate as `Name=true|false`, comma-separated, in [`FeatureGate::ALL`] order.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, (gate, enabled)) in self.iter().enumerate() {
+            if i > 0 {
+                f.write_str(",")?;
+            }
+            write!(f, "{gate}={enabled}")?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use FeatureGate::*;
+    use pretty_assertions::assert_eq;
+
+    const KNOWN: &str = "TimeSlicingSettings, MPSSupport, IMEXDaemonsWithDNSNames, \
+                         PassthroughSupport, DynamicMIG, NVMLDeviceHealthCheck, \
+                         ComputeDomainCliques, CrashOnNVLinkFabricErrors, DeviceMetadata";
+
+    #[test]
+    fn defaults_and_stages() {
+        let want = [
+            (TimeSlicingSettings, false, Stage::Alpha),
+            (MPSSupport, false, Stage::Alpha),
+            (IMEXDaemonsWithDNSNames, true, Stage::Beta),
+            (PassthroughSupport, false, Stage::Alpha),
+            (DynamicMIG, false, Stage::Alpha),
+            (NVMLDeviceHealthCheck, false, Stage::Alpha),
+            (ComputeDomainCliques, true, Stage::Beta),
+            (CrashOnNVLinkFabricErrors, true, Stage::Beta),
+            (DeviceMetadata, false, Stage::Alpha),
+        ];
+        assert_eq!(FeatureGate::ALL.len(), want.len());
+        let defaults = FeatureGates::default();
+        for (gate, enabled, stage) in want {
+            assert_eq!(defaults.enabled(gate), enabled, "{gate}");
+            assert_eq!(gate.default_enabled(), enabled, "{gate}");
+            assert_eq!(gate.stage(), stage, "{gate}");
+            assert_eq!(FeatureGate::from_name(gate.name()), Some(gate));
+        }
+        assert_eq!(Stage::Alpha.as_str(), "Alpha");
+        assert_eq!(Stage::Beta.as_str(), "Beta");
+        assert_eq!(FeatureGate::from_name("mpssupport"), None);
+        defaults.validate().unwrap();
+    }
+
+    #[test]
+    fn parse_ok() {
+        let cases: &[(&str, &[(FeatureGate, bool)])] = &[
+            ("", &[]),
+            ("   ", &[]),
+            ("MPSSupport=true", &[(MPSSupport, true)]),
+            (
+                " MPSSupport = true , TimeSlicingSettings=1 ,",
+                &[(MPSSupport, true), (TimeSlicingSettings, true)],
+            ),
+            (
+                "ComputeDomainCliques=false,IMEXDaemonsWithDNSNames=F",
+                &[
+                    (ComputeDomainCliques, false),
+                    (IMEXDaemonsWithDNSNames, false),
+                ],
+            ),
+            ("MPSSupport=true,MPSSupport=False", &[(MPSSupport, false)]),
+            (
+                "PassthroughSupport=TRUE,DeviceMetadata=t",
+                &[(PassthroughSupport, true), (DeviceMetadata, true)],
+            ),
+            (
+                "CrashOnNVLinkFabricErrors=0",
+                &[(CrashOnNVLinkFabricErrors, false)],
+            ),
+        ];
+        for (text, changes) in cases {
+            let mut want = FeatureGates::default();
+            for (gate, enabled) in *changes {
+                want.set(*gate, *enabled);
+            }
+            assert_eq!(text.parse::<FeatureGates>().unwrap(), want, "{text:?}");
+        }
+    }
+
+    #[test]
+    fn parse_errors() {
+        let cases: &[(&str, String)] = &[
+            (
+                "MPSSupport",
+                "invalid feature gate entry \"MPSSupport\": expected Name=true or Name=false"
+                    .into(),
+            ),
+            (
+                "Foo=true",
+                format!("unknown feature gate \"Foo\"; known gates: {KNOWN}"),
+            ),
+            (
+                "mpssupport=true",
+                format!("unknown feature gate \"mpssupport\"; known gates: {KNOWN}"),
+            ),
+            (
+                "MPSSupport=yes",
+                "invalid value \"yes\" for feature gate MPSSupport: expected true or false".into(),
+            ),
+            (
+                "MPSSupport=",
+                "invalid value \"\" for feature gate MPSSupport: expected true or false".into(),
+            ),
+            (
+                "IMEXDaemonsWithDNSNames=false",
+                "feature gate ComputeDomainCliques requires feature gate \
+                 IMEXDaemonsWithDNSNames to be enabled"
+                    .into(),
+            ),
+            (
+                "DeviceMetadata=true",
+                "feature gate DeviceMetadata requires feature gate PassthroughSupport to be \
+                 enabled"
+                    .into(),
+            ),
+            (
+                "DynamicMIG=true,PassthroughSupport=true",
+                "feature gates DynamicMIG and PassthroughSupport are mutually exclusive; \
+                 enable at most one"
+                    .into(),
+            ),
+            (
+                "DynamicMIG=true,NVMLDeviceHealthCheck=true",
+                "feature gates DynamicMIG and NVMLDeviceHealthCheck are mutually exclusive; \
+                 enable at most one"
+                    .into(),
+            ),
+            (
+                "DynamicMIG=true,MPSSupport=true",
+                "feature gates DynamicMIG and MPSSupport are mutually exclusive; enable at \
+                 most one"
+                    .into(),
+            ),
+            (
+                "PassthroughSupport=true,NVMLDeviceHealthCheck=true",
+                "feature gates PassthroughSupport and NVMLDeviceHealthCheck are mutually \
+                 exclusive; enable at most one"
+                    .into(),
+            ),
+        ];
+        for (text, want) in cases {
+            let err = text.parse::<FeatureGates>().unwrap_err();
+            assert_eq!(err.to_string(), *want, "{text:?}");
+        }
+    }
+
+    #[test]
+    fn compatible_combinations_validate() {
+        for text in [
+            "ComputeDomainCliques=false,IMEXDaemonsWithDNSNames=false",
+            "DeviceMetadata=true,PassthroughSupport=true",
+            "DynamicMIG=true,TimeSlicingSettings=true",
+            "MPSSupport=true,TimeSlicingSettings=true,NVMLDeviceHealthCheck=true",
+        ] {
+            text.parse::<FeatureGates>()
+                .unwrap_or_else(|e| panic!("{text}: {e}"));
+        }
+    }
+
+    #[test]
+    fn unvalidated_parse_keeps_conflicts() {
+        let gates = FeatureGates::parse_unvalidated("DynamicMIG=true,MPSSupport=true").unwrap();
+        assert!(gates.enabled(DynamicMIG) && gates.enabled(MPSSupport));
+        assert!(gates.validate().is_err());
+    }
+
+    #[test]
+    fn display_round_trips() {
+        assert_eq!(
+            FeatureGates::default().to_string(),
+            "TimeSlicingSettings=false,MPSSupport=false,IMEXDaemonsWithDNSNames=true,\
+             PassthroughSupport=false,DynamicMIG=false,NVMLDeviceHealthCheck=false,\
+             ComputeDomainCliques=true,CrashOnNVLinkFabricErrors=true,DeviceMetadata=false"
+        );
+        let gates: FeatureGates = "MPSSupport=true,ComputeDomainCliques=false"
+            .parse()
+            .unwrap();
+        assert_eq!(gates.to_string().parse::<FeatureGates>().unwrap(), gates);
+        assert_eq!(
+            FeatureGates::default()
+                .with(DynamicMIG, true)
+                .to_string()
+                .parse::<FeatureGates>()
+                .unwrap(),
+            FeatureGates::default().with(DynamicMIG, true)
+        );
+    }
+
+    #[test]
+    fn usable_as_clap_value_parser() {
+        use clap::Parser;
+
+        #[derive(Parser, Debug)]
+        struct Args {
+            #[arg(long, default_value = "")]
+            feature_gates: FeatureGates,
+        }
+
+        let args = Args::try_parse_from(["bin", "--feature-gates", "MPSSupport=true"]).unwrap();
+        assert!(args.feature_gates.enabled(MPSSupport));
+        let args = Args::try_parse_from(["bin"]).unwrap();
+        assert_eq!(args.feature_gates, FeatureGates::default());
+        let err = Args::try_parse_from(["bin", "--feature-gates", "DeviceMetadata=true"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(
+                "feature gate DeviceMetadata requires feature gate PassthroughSupport to be enabled"
+            ),
+            "{err}"
+        );
+    }
+}
