@@ -1,0 +1,2 @@
+//! `nvdra-agent` (being built).
+fn main() {}
