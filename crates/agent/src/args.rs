@@ -1,0 +1,269 @@
+//! Command-line flags of `nvdra-agent`; every flag is also an environment
+//! variable.
+//!
+//! Names follow the upstream GPU kubelet plugin where it has the flag
+//! (`--node-name`/`NODE_NAME`, `--nvidia-driver-root`/`NVIDIA_DRIVER_ROOT`,
+//! `--cdi-root`/`CDI_ROOT`, `--feature-gates`/`FEATURE_GATES`, ...), so the
+//! same DaemonSet environment configures either driver. Flags of our own use
+//! `NVDRA_*` variables.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+use nvdra_api::FeatureGates;
+
+/// The node agent for the `gpu.nvidia.com` DRA driver.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "nvdra-agent", version, about)]
+pub struct Args {
+    /// Name of this node (from the downward API); also the ResourceSlice pool name.
+    #[arg(long, env = "NODE_NAME")]
+    pub node_name: String,
+
+    /// Host path of the NVIDIA driver installation (`/`, or e.g. `/run/nvidia/driver`
+    /// for a containerised driver). CDI specs refer to host paths under it.
+    #[arg(long, env = "NVIDIA_DRIVER_ROOT", default_value = "/")]
+    pub nvidia_driver_root: PathBuf,
+
+    /// Where the host driver root is mounted inside the agent's container.
+    #[arg(long, env = "CONTAINER_DRIVER_ROOT", default_value = "/driver-root")]
+    pub container_driver_root: PathBuf,
+
+    /// Host path of `nvidia-cdi-hook`; when unset, CDI specs carry no hooks and
+    /// bind-mount library names instead (nothing from the driver root runs in
+    /// the container's namespaces).
+    #[arg(long, env = "NVIDIA_CDI_HOOK_PATH")]
+    pub nvidia_cdi_hook_path: Option<PathBuf>,
+
+    /// Directory for per-claim CDI specs; the container runtime must watch it.
+    #[arg(long, env = "CDI_ROOT", default_value = "/var/run/cdi")]
+    pub cdi_root: PathBuf,
+
+    /// Directory the kubelet watches for plugin registration sockets.
+    #[arg(
+        long,
+        env = "KUBELET_REGISTRAR_DIRECTORY_PATH",
+        default_value = nvdra_kubelet_plugin::plugin::KUBELET_REGISTRY_DIR
+    )]
+    pub kubelet_registrar_directory_path: PathBuf,
+
+    /// Parent of the per-driver plugin directories (DRA socket, checkpoint,
+    /// lock). Must be the same path on the host.
+    #[arg(
+        long,
+        env = "KUBELET_PLUGINS_DIRECTORY_PATH",
+        default_value = nvdra_kubelet_plugin::plugin::KUBELET_PLUGINS_DIR
+    )]
+    pub kubelet_plugins_directory_path: PathBuf,
+
+    /// Where devices come from: `nvml` (the GPUs of this node) or `fake` (a
+    /// node profile, for tests and the local cluster).
+    #[arg(long, env = "NVDRA_DEVICE_BACKEND", value_enum, default_value_t = DeviceBackend::Nvml)]
+    pub device_backend: DeviceBackend,
+
+    /// With `--device-backend=fake`: a built-in profile name (e.g. `h100-sxm-80gb-x8`)
+    /// or the path of a profile YAML file.
+    #[arg(
+        long,
+        env = "NVDRA_FAKE_PROFILE",
+        required_if_eq("device_backend", "fake")
+    )]
+    pub fake_profile: Option<String>,
+
+    /// With `--device-backend=fake`: directory serving as `/` for device nodes.
+    #[arg(long, env = "NVDRA_FAKE_DEV_ROOT")]
+    pub fake_dev_root: Option<PathBuf>,
+
+    /// Feature gates, `Name=true,Other=false`.
+    #[arg(long, env = "FEATURE_GATES", default_value = "")]
+    pub feature_gates: FeatureGates,
+
+    /// Pod UID (downward API). When set, sockets get per-pod names so an old
+    /// and a new agent pod can overlap during a rolling update.
+    #[arg(long, env = "POD_UID")]
+    pub pod_uid: Option<String>,
+
+    /// Path of a kubeconfig; in-cluster configuration when unset.
+    #[arg(long, env = "KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+
+    /// Sustained queries per second to the API server.
+    #[arg(long, env = "KUBE_API_QPS", default_value_t = 5.0)]
+    pub kube_api_qps: f64,
+
+    /// Requests allowed in a burst above the sustained rate.
+    #[arg(long, env = "KUBE_API_BURST", default_value_t = 10)]
+    pub kube_api_burst: u32,
+
+    /// Address serving `/metrics`, `/livez` and `/readyz` (`:8080` means all
+    /// interfaces); empty to disable.
+    #[arg(long, env = "HTTP_ENDPOINT", default_value = ":8080", value_parser = parse_endpoint)]
+    pub http_endpoint: Endpoint,
+
+    /// Path of the metrics page on the HTTP endpoint.
+    #[arg(long, env = "METRICS_PATH", default_value = "/metrics")]
+    pub metrics_path: String,
+
+    /// How often claims whose ResourceClaim is gone are cleaned up.
+    #[arg(long, env = "NVDRA_CLEANUP_INTERVAL", default_value = "10m", value_parser = parse_duration)]
+    pub cleanup_interval: Duration,
+
+    /// File holding this boot's ID; prepared state does not survive a reboot.
+    #[arg(
+        long,
+        env = "NVDRA_BOOT_ID_PATH",
+        default_value = "/proc/sys/kernel/random/boot_id"
+    )]
+    pub boot_id_path: PathBuf,
+
+    /// Log filter (tracing `EnvFilter` syntax, e.g. `info,nvdra_agent=debug`).
+    #[arg(long, env = "NVDRA_LOG", default_value = "info")]
+    pub log_level: String,
+
+    /// Log format.
+    #[arg(long, env = "NVDRA_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// Device source.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum DeviceBackend {
+    /// The node's GPUs through NVML.
+    Nvml,
+    /// A deterministic node profile.
+    Fake,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// An optional listen address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Endpoint(pub Option<SocketAddr>);
+
+/// Accepts Go-style `:8080` (all interfaces), `host:port`, or empty (off).
+fn parse_endpoint(raw: &str) -> Result<Endpoint, String> {
+    let raw = raw.trim();
+    if raw.is_empty() {
+        return Ok(Endpoint(None));
+    }
+    let full = match raw.strip_prefix(':') {
+        Some(port) => format!("0.0.0.0:{port}"),
+        None => raw.to_owned(),
+    };
+    full.parse()
+        .map(|addr| Endpoint(Some(addr)))
+        .map_err(|_| format!("{raw:?} is not an address like ':8080' or '127.0.0.1:8080'"))
+}
+
+/// Accepts `<n>ms`, `<n>s`, `<n>m`, `<n>h`.
+fn parse_duration(raw: &str) -> Result<Duration, String> {
+    let raw = raw.trim();
+    let split = raw.find(|c: char| !c.is_ascii_digit()).unwrap_or(raw.len());
+    let (number, unit) = raw.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{raw:?} is not a duration like '10m', '30s' or '500ms'"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        "h" => Ok(Duration::from_secs(n * 3600)),
+        _ => Err(format!(
+            "{raw:?} has no unit; use ms, s, m or h (e.g. '10m')"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(extra: &[&str]) -> Result<Args, clap::Error> {
+        let mut argv = vec!["nvdra-agent", "--node-name", "node-a"];
+        argv.extend_from_slice(extra);
+        Args::try_parse_from(argv)
+    }
+
+    #[test]
+    fn defaults_match_upstream_paths() {
+        let args = parse(&[]).unwrap();
+        assert_eq!(args.nvidia_driver_root, PathBuf::from("/"));
+        assert_eq!(args.container_driver_root, PathBuf::from("/driver-root"));
+        assert_eq!(args.cdi_root, PathBuf::from("/var/run/cdi"));
+        assert_eq!(
+            args.kubelet_registrar_directory_path,
+            PathBuf::from("/var/lib/kubelet/plugins_registry")
+        );
+        assert_eq!(
+            args.kubelet_plugins_directory_path,
+            PathBuf::from("/var/lib/kubelet/plugins")
+        );
+        assert_eq!(args.device_backend, DeviceBackend::Nvml);
+        assert_eq!(args.kube_api_qps, 5.0);
+        assert_eq!(args.kube_api_burst, 10);
+        assert_eq!(
+            args.http_endpoint,
+            Endpoint(Some("0.0.0.0:8080".parse().unwrap()))
+        );
+        assert_eq!(args.cleanup_interval, Duration::from_secs(600));
+        assert_eq!(args.feature_gates, FeatureGates::default());
+    }
+
+    #[test]
+    fn fake_backend_requires_a_profile() {
+        let err = parse(&["--device-backend", "fake"]).unwrap_err();
+        assert_eq!(err.kind(), clap::error::ErrorKind::MissingRequiredArgument);
+        let args = parse(&["--device-backend", "fake", "--fake-profile", "l4-x2"]).unwrap();
+        assert_eq!(args.fake_profile.as_deref(), Some("l4-x2"));
+    }
+
+    #[test]
+    fn bad_feature_gates_fail_at_parse_time() {
+        let err = parse(&["--feature-gates", "NoSuchGate=true"]).unwrap_err();
+        assert!(err.to_string().contains("NoSuchGate"), "{err}");
+    }
+
+    #[test]
+    fn endpoints() {
+        let cases = [
+            (":9090", Ok(Endpoint(Some("0.0.0.0:9090".parse().unwrap())))),
+            (
+                "127.0.0.1:1",
+                Ok(Endpoint(Some("127.0.0.1:1".parse().unwrap()))),
+            ),
+            ("", Ok(Endpoint(None))),
+            (
+                "localhost",
+                Err("\"localhost\" is not an address like ':8080' or '127.0.0.1:8080'".to_owned()),
+            ),
+        ];
+        for (raw, want) in cases {
+            assert_eq!(parse_endpoint(raw), want, "{raw}");
+        }
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("10m"), Ok(Duration::from_secs(600)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert_eq!(
+            parse_duration("10"),
+            Err("\"10\" has no unit; use ms, s, m or h (e.g. '10m')".to_owned())
+        );
+        assert_eq!(
+            parse_duration("m"),
+            Err("\"m\" is not a duration like '10m', '30s' or '500ms'".to_owned())
+        );
+    }
+}

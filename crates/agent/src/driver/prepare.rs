@@ -1,0 +1,542 @@
+//! One Prepare batch: from the claims the kubelet-plugin library hands over to per-claim
+//! results, with the checkpoint protocol around the work.
+//!
+//! Order for a batch (every claim gets a result):
+//! 1. **Plan** each claim without the lock and without side effects: the claim UID must be
+//!    usable in a CDI name, every allocated device must be in this node's pool and offered by
+//!    this node, configs are resolved strictly ([`crate::config::resolve`]), and configs that
+//!    would need a host side effect nvdra does not implement yet (time-slice intervals other
+//!    than `Default`, MPS, VFIO) are refused. A failing claim stops here.
+//! 2. Under the ledger lock, **begin** each planned claim in the checkpoint: a completed claim
+//!    returns its recorded devices (no hardware, no CDI write, no checkpoint write); an
+//!    interrupted one is rolled back (CDI spec removed, entry dropped) and begun afresh; a
+//!    device held by another claim refuses the claim (admin access honoured).
+//! 3. **Record** `PrepareStarted` for all begun claims with one checkpoint write.
+//! 4. **Work**: render and atomically write each claim's CDI spec. A claim that fails here is
+//!    rolled back (spec removed, entry dropped) before its error is returned.
+//! 5. **Record** `PrepareCompleted` for all claims that got their spec, again with one write,
+//!    and only then report them prepared.
+//!
+//! A crash anywhere leaves a state start-up repairs: `PrepareStarted` entries are rolled back,
+//! specs without an entry are removed as orphans.
+//!
+//! Failure modes are the variants of [`PrepareError`]; each becomes the claim's error text
+//! (the whole `#[source]` chain). A failed checkpoint write fails every claim that depended
+//! on it and leaves the ledger dirty (see the `ledger` module), so the kubelet's retry first
+//! makes the file current.
+
+use k8s_openapi::api::resource::v1::DeviceRequestAllocationResult;
+use nvdra_api::config::{GpuConfig, MigDeviceConfig, SharingStrategy, TimeSliceInterval};
+use nvdra_kubelet_plugin::error::error_chain;
+use nvdra_kubelet_plugin::{ClaimError, PrepareClaim, PrepareResults};
+use serde_json::Map;
+
+use super::ledger::Ledger;
+use super::{FaultPoint, Shared};
+use crate::cdi::{self, ClaimDevice, qualified_device_id, render_claim_spec};
+use crate::checkpoint::{
+    self, AllocatedDevice, BeginOutcome, DeviceInfo, PreparedDevice as RecordedDevice, PreparedGpu,
+    PreparedGroup, PreparedMig,
+};
+use crate::config::{self, ConfigGroup, ConfigOrigin, DeviceAllocation, ResolvedConfig};
+use crate::devices::AllocatableDevice;
+
+/// Why one claim could not be prepared. The `Display` text (with its sources) is what the
+/// kubelet reports in the pod's events.
+#[derive(Debug, thiserror::Error)]
+pub enum PrepareError {
+    /// The claim UID cannot name a CDI device or spec file.
+    #[error(transparent)]
+    ClaimUid(cdi::SpecError),
+    /// An allocation result names a pool other than this node's.
+    #[error(
+        "device {device:?} of request {request:?} is allocated from pool {pool:?}, \
+         but this node's pool is {node:?}"
+    )]
+    ForeignPool {
+        /// The allocation's request.
+        request: String,
+        /// The allocated device.
+        device: String,
+        /// The allocation's pool.
+        pool: String,
+        /// This node's pool (the node name).
+        node: String,
+    },
+    /// An allocation result names a device this node does not offer.
+    #[error("device {device:?} of request {request:?} is not offered by node {node:?}")]
+    UnknownDevice {
+        /// The allocation's request.
+        request: String,
+        /// The allocated device.
+        device: String,
+        /// This node.
+        node: String,
+    },
+    /// The claim's opaque configuration is invalid.
+    #[error("invalid device configuration")]
+    ResolveConfig(#[source] Box<config::Error>),
+    /// A configuration needs a host side effect nvdra does not implement yet.
+    #[error("{origin}: {what} is not supported yet by nvdra")]
+    UnsupportedConfig {
+        /// Which config.
+        origin: ConfigOrigin,
+        /// What it asks for.
+        what: String,
+    },
+    /// A device is held by another claim.
+    #[error(transparent)]
+    DeviceInUse(Box<checkpoint::Error>),
+    /// An interrupted earlier prepare of the claim could not be rolled back.
+    #[error("cannot roll back an interrupted earlier prepare of the claim")]
+    RollBack(#[source] Box<cdi::Error>),
+    /// The checkpoint could not be written (text: the write error's chain, shared by every
+    /// claim of the batch).
+    #[error("cannot record the claim in the checkpoint: {0}")]
+    Checkpoint(String),
+    /// Rendering or writing the claim's CDI spec failed.
+    #[error(transparent)]
+    Cdi(Box<cdi::Error>),
+    /// A bug: the driver broke one of its own invariants.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+/// One device of a planned claim.
+#[derive(Debug, Clone)]
+struct DevicePlan {
+    request: String,
+    pool: String,
+    share_id: Option<String>,
+    admin_access: bool,
+    device: AllocatableDevice,
+}
+
+/// A claim that passed every check that needs no lock.
+#[derive(Debug)]
+struct ClaimPlan {
+    claim: checkpoint::ClaimRef,
+    allocated: Vec<AllocatedDevice>,
+    /// One entry per config group, devices in allocation order.
+    groups: Vec<Vec<DevicePlan>>,
+}
+
+fn fail(results: &mut PrepareResults, uid: &str, err: PrepareError) {
+    tracing::warn!(claim_uid = uid, error = %error_chain(&err), "prepare failed");
+    results.insert(uid.to_owned(), Err(ClaimError::from_error(&err)));
+}
+
+/// Prepares a batch; see the module docs. Returns one result per claim, and how many claims
+/// failed because the node's state could not be made consistent (the `lock_acquire` stage).
+pub(super) fn prepare_batch(shared: &Shared, claims: Vec<PrepareClaim>) -> (PrepareResults, usize) {
+    let mut results = PrepareResults::new();
+    let mut planned = Vec::with_capacity(claims.len());
+    for claim in &claims {
+        match plan(shared, claim) {
+            Ok(plan) => planned.push(plan),
+            Err(err) => fail(&mut results, &claim.claim_ref.uid, err),
+        }
+    }
+    if planned.is_empty() {
+        return (results, 0);
+    }
+
+    let mut ledger = match shared.lock_ledger() {
+        Ok(ledger) => ledger,
+        Err(err) => {
+            let failed = planned.len();
+            let message = format!(
+                "cannot bring the node's checkpoint up to date: {}",
+                error_chain(&err)
+            );
+            for plan in planned {
+                tracing::warn!(claim = %plan.claim, error = %message, "prepare failed");
+                results.insert(plan.claim.uid, Err(ClaimError::driver(message.clone())));
+            }
+            return (results, failed);
+        }
+    };
+
+    // Begin every claim; completed ones are answered right away.
+    let mut begun = Vec::new();
+    let mut changed = false;
+    for plan in planned {
+        match begin(shared, &mut ledger, &plan) {
+            Ok(Begun::Completed(groups)) => {
+                tracing::debug!(claim = %plan.claim, "claim already prepared");
+                results.insert(plan.claim.uid, Ok(kubelet_devices(&groups)));
+            }
+            Ok(Begun::Started { rolled_back }) => {
+                if rolled_back {
+                    tracing::info!(claim = %plan.claim, "rolled back an interrupted prepare");
+                }
+                changed = true;
+                begun.push(plan);
+            }
+            Err((err, rolled_back)) => {
+                changed |= rolled_back;
+                fail(&mut results, &plan.claim.uid, err);
+            }
+        }
+    }
+    if !changed {
+        return (results, 0);
+    }
+
+    // One durable record of every claim we are about to work on.
+    if let Err(err) = ledger.persist() {
+        let message = error_chain(&err);
+        for plan in begun {
+            ledger.state_mut().remove(&plan.claim.uid);
+            fail(
+                &mut results,
+                &plan.claim.uid,
+                PrepareError::Checkpoint(message.clone()),
+            );
+        }
+        return (results, 0);
+    }
+    if begun.is_empty() {
+        return (results, 0);
+    }
+    shared.fault(FaultPoint::AfterPrepareStarted);
+
+    let mut completed = Vec::with_capacity(begun.len());
+    let written = write_specs(shared, &begun);
+    for (plan, written) in begun.into_iter().zip(written) {
+        let uid = plan.claim.uid;
+        let outcome = written.and_then(|groups| {
+            ledger
+                .state_mut()
+                .complete_prepare(&uid, groups.clone())
+                .map(|()| groups)
+                .map_err(|err| PrepareError::Internal(err.to_string()))
+        });
+        match outcome {
+            Ok(groups) => completed.push((uid, groups)),
+            Err(err) => {
+                roll_back_after_failure(shared, &mut ledger, &uid);
+                fail(&mut results, &uid, err);
+            }
+        }
+    }
+
+    shared.fault(FaultPoint::AfterSpecsWritten);
+
+    // Completion (and any rollback above) becomes durable before kubelet hears of it. On
+    // failure memory keeps the completed claims and stays dirty: the retry writes the file
+    // and then finds the claims completed, with their specs in place.
+    match ledger.persist() {
+        Ok(()) => {
+            for (uid, groups) in completed {
+                results.insert(uid, Ok(kubelet_devices(&groups)));
+            }
+        }
+        Err(err) => {
+            let message = error_chain(&err);
+            for (uid, _) in completed {
+                fail(
+                    &mut results,
+                    &uid,
+                    PrepareError::Checkpoint(message.clone()),
+                );
+            }
+        }
+    }
+    (results, 0)
+}
+
+/// Checks a claim and works out its devices and configs; no lock, no side effects.
+fn plan(shared: &Shared, claim: &PrepareClaim) -> Result<ClaimPlan, PrepareError> {
+    let claim_ref = &claim.claim_ref;
+    cdi::validate_claim_uid(&claim_ref.uid).map_err(PrepareError::ClaimUid)?;
+
+    let mut allocations = Vec::with_capacity(claim.results.len());
+    let mut found = Vec::with_capacity(claim.results.len());
+    for result in &claim.results {
+        let device = shared.find_device(result)?;
+        allocations.push(DeviceAllocation::new(
+            &result.request,
+            &result.device,
+            device.device_type(),
+        ));
+        found.push((result, device));
+    }
+
+    let groups = config::resolve(&claim.configs, &allocations, &shared.gates)
+        .map_err(|err| PrepareError::ResolveConfig(Box::new(err)))?;
+    for group in &groups {
+        check_supported(group)?;
+    }
+
+    let groups = groups
+        .iter()
+        .map(|group| {
+            group
+                .devices
+                .iter()
+                .filter_map(|allocation| {
+                    found
+                        .iter()
+                        .find(|(result, _)| {
+                            result.request == allocation.request
+                                && result.device == allocation.device
+                        })
+                        .map(|(result, device)| DevicePlan {
+                            request: result.request.clone(),
+                            pool: result.pool.clone(),
+                            share_id: result.share_id.clone(),
+                            admin_access: result.admin_access.unwrap_or(false),
+                            device: (*device).clone(),
+                        })
+                })
+                .collect()
+        })
+        .collect();
+
+    Ok(ClaimPlan {
+        claim: checkpoint::ClaimRef {
+            uid: claim_ref.uid.clone(),
+            namespace: claim_ref.namespace.clone(),
+            name: claim_ref.name.clone(),
+        },
+        allocated: claim.results.iter().map(allocated_device).collect(),
+        groups,
+    })
+}
+
+fn allocated_device(result: &DeviceRequestAllocationResult) -> AllocatedDevice {
+    AllocatedDevice {
+        requests: vec![result.request.clone()],
+        pool: result.pool.clone(),
+        device: result.device.clone(),
+        share_id: result.share_id.clone(),
+        admin_access: result.admin_access.unwrap_or(false),
+        extra: Map::new(),
+    }
+}
+
+/// Refuses configs whose host side effect nvdra does not implement yet, instead of silently
+/// handing out a device configured differently from what the user asked for.
+fn check_supported(group: &ConfigGroup) -> Result<(), PrepareError> {
+    let unsupported = |what: &str| {
+        Err(PrepareError::UnsupportedConfig {
+            origin: group.origin,
+            what: what.to_owned(),
+        })
+    };
+    match &group.config {
+        ResolvedConfig::Gpu(GpuConfig { sharing: None }) => Ok(()),
+        ResolvedConfig::Gpu(GpuConfig {
+            sharing: Some(sharing),
+        }) => match &sharing.strategy {
+            SharingStrategy::TimeSlicing => {
+                let interval = sharing
+                    .time_slicing_config
+                    .as_ref()
+                    .and_then(|c| c.interval.as_ref())
+                    .unwrap_or(&TimeSliceInterval::Default);
+                if *interval == TimeSliceInterval::Default {
+                    Ok(())
+                } else {
+                    unsupported(&format!(
+                        "GpuConfig.sharing.timeSlicingConfig.interval {} (setting a time slice \
+                         with nvidia-smi)",
+                        interval.as_str()
+                    ))
+                }
+            }
+            SharingStrategy::Mps => unsupported("GpuConfig.sharing.strategy MPS"),
+            SharingStrategy::Unknown(other) => {
+                unsupported(&format!("GpuConfig.sharing.strategy {other:?}"))
+            }
+        },
+        // Time-slicing cannot be set per MIG device; upstream accepts it as a no-op too.
+        ResolvedConfig::Mig(MigDeviceConfig { sharing }) => {
+            match sharing.as_ref().map(|s| &s.strategy) {
+                None | Some(SharingStrategy::TimeSlicing) => Ok(()),
+                Some(SharingStrategy::Mps) => unsupported("MigDeviceConfig.sharing.strategy MPS"),
+                Some(SharingStrategy::Unknown(other)) => {
+                    unsupported(&format!("MigDeviceConfig.sharing.strategy {other:?}"))
+                }
+            }
+        }
+        ResolvedConfig::Vfio(_) => unsupported("VfioDeviceConfig (VFIO passthrough)"),
+    }
+}
+
+enum Begun {
+    /// Prepared before: these devices, nothing to do.
+    Completed(Vec<PreparedGroup>),
+    /// Now `PrepareStarted` (after rolling back an interrupted attempt if `rolled_back`).
+    Started { rolled_back: bool },
+}
+
+/// Begins `plan` in the checkpoint. On error, also says whether a rollback changed the state.
+fn begin(
+    shared: &Shared,
+    ledger: &mut Ledger,
+    plan: &ClaimPlan,
+) -> Result<Begun, (PrepareError, bool)> {
+    let mut rolled_back = false;
+    loop {
+        let outcome = ledger
+            .state_mut()
+            .begin_prepare(&plan.claim, plan.allocated.clone())
+            .map_err(|err| (PrepareError::DeviceInUse(Box::new(err)), rolled_back))?;
+        match outcome {
+            BeginOutcome::Started => return Ok(Begun::Started { rolled_back }),
+            BeginOutcome::AlreadyCompleted(groups) => return Ok(Begun::Completed(groups)),
+            BeginOutcome::NeedsRollback(entry) if !rolled_back => {
+                tracing::info!(
+                    claim = %plan.claim,
+                    state = %entry.state,
+                    "claim has an interrupted prepare; rolling it back"
+                );
+                shared
+                    .cdi
+                    .remove_claim_spec(&plan.claim.uid)
+                    .map_err(|err| (PrepareError::RollBack(Box::new(err)), false))?;
+                ledger.state_mut().remove(&plan.claim.uid);
+                rolled_back = true;
+            }
+            // `remove` makes the second `begin_prepare` see no entry; never loop twice.
+            BeginOutcome::NeedsRollback(_) => {
+                return Err((
+                    PrepareError::Internal("the claim's entry survived its rollback".to_owned()),
+                    rolled_back,
+                ));
+            }
+        }
+    }
+}
+
+/// Most spec writes of one batch in flight at once.
+const MAX_PARALLEL_SPEC_WRITES: usize = 8;
+
+/// Writes the specs of a batch, concurrently when there are several: each write waits for two
+/// fsyncs, and concurrent fsyncs on one filesystem share journal commits, so eight claims cost
+/// little more than one instead of eight times as much. Results are in input order.
+fn write_specs(
+    shared: &Shared,
+    plans: &[ClaimPlan],
+) -> Vec<Result<Vec<PreparedGroup>, PrepareError>> {
+    if plans.len() < 2 {
+        return plans.iter().map(|plan| write_spec(shared, plan)).collect();
+    }
+    let mut results = Vec::with_capacity(plans.len());
+    for chunk in plans.chunks(MAX_PARALLEL_SPEC_WRITES) {
+        std::thread::scope(|scope| {
+            // A thread that cannot be created (a pids limit) just means writing inline.
+            let writers: Vec<_> = chunk
+                .iter()
+                .map(|plan| {
+                    std::thread::Builder::new()
+                        .name("nvdra-cdi-write".to_owned())
+                        .spawn_scoped(scope, move || write_spec(shared, plan))
+                        .map_err(|_| plan)
+                })
+                .collect();
+            for writer in writers {
+                results.push(match writer {
+                    Ok(thread) => thread.join().unwrap_or_else(|_panic| {
+                        Err(PrepareError::Internal(
+                            "the CDI spec writer panicked".to_owned(),
+                        ))
+                    }),
+                    Err(plan) => write_spec(shared, plan),
+                });
+            }
+        });
+    }
+    results
+}
+
+/// Renders and writes the claim's CDI spec; returns the groups to record.
+fn write_spec(shared: &Shared, plan: &ClaimPlan) -> Result<Vec<PreparedGroup>, PrepareError> {
+    let uid = &plan.claim.uid;
+    let mut cdi_devices: Vec<ClaimDevice> = Vec::new();
+    for device in plan.groups.iter().flatten() {
+        let name = device.device.name();
+        if cdi_devices.iter().any(|d| d.name == name) {
+            continue;
+        }
+        cdi_devices.push(match &device.device {
+            AllocatableDevice::Gpu { info } => ClaimDevice::gpu(shared.backend.as_ref(), info),
+            AllocatableDevice::Mig { mig, .. } => ClaimDevice::mig(shared.backend.as_ref(), mig)
+                .map_err(|err| PrepareError::Cdi(Box::new(err)))?,
+        });
+    }
+    let spec = render_claim_spec(uid, &cdi_devices, &shared.common_edits)
+        .map_err(|err| PrepareError::Cdi(Box::new(err)))?;
+    shared
+        .cdi
+        .write_claim_spec(uid, &spec)
+        .map_err(|err| PrepareError::Cdi(Box::new(err)))?;
+
+    Ok(plan
+        .groups
+        .iter()
+        .map(|group| PreparedGroup {
+            devices: group.iter().map(|d| recorded_device(uid, d)).collect(),
+            config_state: Map::new(),
+            extra: Map::new(),
+        })
+        .collect())
+}
+
+fn recorded_device(claim_uid: &str, plan: &DevicePlan) -> RecordedDevice {
+    let name = plan.device.name();
+    let info = match &plan.device {
+        AllocatableDevice::Gpu { info } => DeviceInfo::Gpu(PreparedGpu {
+            uuid: info.uuid.clone(),
+            minor: Some(info.minor),
+        }),
+        AllocatableDevice::Mig { mig, .. } => DeviceInfo::Mig(PreparedMig {
+            uuid: mig.uuid.clone(),
+            parent_uuid: mig.parent_uuid.clone(),
+            parent_minor: Some(mig.parent_minor),
+            gi_id: mig.gi_id,
+            ci_id: mig.ci_id,
+            profile: Some(mig.profile.clone()),
+            placement_start: Some(mig.placement.start),
+            placement_size: Some(mig.placement.size),
+        }),
+    };
+    RecordedDevice {
+        requests: vec![plan.request.clone()],
+        pool: plan.pool.clone(),
+        cdi_device_ids: vec![qualified_device_id(claim_uid, &name)],
+        device: name,
+        share_id: plan.share_id.clone(),
+        admin_access: plan.admin_access,
+        info,
+        extra: Map::new(),
+    }
+}
+
+/// Undoes a begun claim whose work failed: its spec (if any) and its entry.
+fn roll_back_after_failure(shared: &Shared, ledger: &mut Ledger, uid: &str) {
+    if let Err(err) = shared.cdi.remove_claim_spec(uid) {
+        // The entry goes anyway: a spec without an entry is an orphan, removed at start-up.
+        tracing::warn!(claim_uid = uid, error = %error_chain(&err), "cannot remove the CDI spec of a failed prepare");
+    }
+    ledger.state_mut().remove(uid);
+}
+
+/// The devices as the kubelet-plugin library wants them.
+pub(super) fn kubelet_devices(
+    groups: &[PreparedGroup],
+) -> Vec<nvdra_kubelet_plugin::PreparedDevice> {
+    groups
+        .iter()
+        .flat_map(|group| &group.devices)
+        .map(|device| nvdra_kubelet_plugin::PreparedDevice {
+            requests: device.requests.clone(),
+            pool_name: device.pool.clone(),
+            device_name: device.device.clone(),
+            cdi_device_ids: device.cdi_device_ids.clone(),
+            share_id: device.share_id.clone(),
+        })
+        .collect()
+}
