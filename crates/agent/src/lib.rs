@@ -16,4 +16,3 @@ pub mod driver;
 pub mod events;
 pub mod metrics;
 pub mod run;
-
