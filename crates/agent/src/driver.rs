@@ -7,6 +7,10 @@
 //!   loading changed it), roll back claims whose Prepare was interrupted, remove CDI specs no
 //!   checkpoint entry accounts for and temporary files of interrupted spec writes, and set the
 //!   prepared-devices gauge. [`GpuDriver::node_resources`] is what the node publishes.
+//! - After a corrupt checkpoint, start-up keeps the specs no entry accounts for (they may
+//!   belong to running pods) and lists them in [`Startup::unaccounted_specs`];
+//!   [`GpuDriver::adopt_after_corruption`] then records the claims [`crate::rebuild`] found
+//!   still live and removes the rest.
 //! - Prepare and Unprepare batches ([`prepare`]; Unprepare in the private `unprepare`), one
 //!   checkpoint write per batch and phase, with upstream's metrics ([`crate::metrics`]).
 //! - Stale-claim clean-up support for [`crate::cleanup`].
@@ -61,7 +65,9 @@ use nvdra_kubelet_plugin::{
 };
 
 use crate::cdi::{self, CdiStore, CommonEdits};
-use crate::checkpoint::{self, CheckpointState, CheckpointStore, ClaimState, LoadOutcome};
+use crate::checkpoint::{
+    self, CheckpointState, CheckpointStore, ClaimEntry, ClaimState, LoadOutcome,
+};
 use crate::devices::{AllocatableDevice, allocatable_index};
 use crate::metrics::{ErrorType, Metrics, Operation};
 
@@ -134,6 +140,10 @@ pub struct Startup {
     pub rolled_back: Vec<String>,
     /// Claim CDI specs removed because no checkpoint entry accounts for them.
     pub orphan_specs_removed: usize,
+    /// UIDs of claims with a CDI spec but no checkpoint entry, kept because the checkpoint
+    /// was corrupt (the claims may still be in use; [`crate::rebuild`] sorts them out).
+    /// Empty unless the load outcome is [`LoadOutcome::Corrupt`].
+    pub unaccounted_specs: Vec<String>,
     /// Temporary spec files of interrupted writes removed.
     pub temp_files_removed: usize,
     /// Repairs that failed and were skipped (logged as warnings too).
@@ -227,6 +237,7 @@ impl GpuDriver {
             checkpoint: outcome,
             rolled_back: Vec::new(),
             orphan_specs_removed: 0,
+            unaccounted_specs: Vec::new(),
             temp_files_removed: 0,
             problems: Vec::new(),
         };
@@ -239,6 +250,7 @@ impl GpuDriver {
             claims = ledger.state().claims().count(),
             rolled_back = startup.rolled_back.len(),
             orphan_specs_removed = startup.orphan_specs_removed,
+            unaccounted_specs = startup.unaccounted_specs.len(),
             "gpu driver started"
         );
         let shared = Shared {
@@ -274,6 +286,11 @@ impl GpuDriver {
     /// This node's name (and pool name).
     pub fn node_name(&self) -> &str {
         &self.shared.node_name
+    }
+
+    /// Every device this node offers, by published name.
+    pub fn allocatable_devices(&self) -> &BTreeMap<String, AllocatableDevice> {
+        &self.shared.devices
     }
 
     /// A copy of the checkpoint state as the driver holds it.
@@ -347,6 +364,80 @@ impl GpuDriver {
         })
         .await?
     }
+
+    /// Rebuilds the state lost with a corrupt checkpoint (see [`crate::rebuild`]): records
+    /// `adopt` (claim UID, entry) as completed claims, with one checkpoint write, then removes
+    /// the CDI specs of `stale_specs`, all under the node lock and the driver lock. Claims
+    /// already recorded are left alone, as are their specs, so a retry is harmless; a claim
+    /// whose device another claim holds is not adopted and keeps its spec (reported in
+    /// [`Adopted::refused`]). Fails, changing nothing on disk but leaving the ledger to write
+    /// the adopted claims at its next sync, when a lock or the checkpoint write fails.
+    pub async fn adopt_after_corruption(
+        &self,
+        adopt: Vec<(String, ClaimEntry)>,
+        stale_specs: Vec<String>,
+    ) -> Result<Adopted, String> {
+        self.run("rebuild", move |shared| {
+            let _node_lock = lock_node(&shared.node_lock_path).map_err(|err| {
+                format!(
+                    "cannot take the node lock {}: {err}",
+                    shared.node_lock_path.display()
+                )
+            })?;
+            let mut ledger = shared.lock_ledger().map_err(|err| error_chain(&err))?;
+            let mut report = Adopted::default();
+            for (uid, entry) in adopt {
+                let claim = entry.claim_ref(&uid);
+                match ledger.state_mut().adopt_completed(&uid, entry) {
+                    Ok(true) => {
+                        tracing::info!(%claim, "adopted a live claim lost with the checkpoint");
+                        report.adopted.push(uid);
+                    }
+                    Ok(false) => tracing::debug!(%claim, "claim already recorded; not adopted"),
+                    Err(err) => {
+                        let text = error_chain(&err);
+                        tracing::warn!(%claim, error = %text, "cannot adopt claim");
+                        report.refused.push((uid, text));
+                    }
+                }
+            }
+            if !report.adopted.is_empty() {
+                ledger.persist().map_err(|err| error_chain(&err))?;
+            }
+            for uid in stale_specs {
+                // A spec whose claim is recorded (adopted above or by an earlier try) is live.
+                if ledger.state().claim(&uid).is_some() {
+                    continue;
+                }
+                match shared.cdi.remove_claim_spec(&uid) {
+                    Ok(_) => {
+                        tracing::info!(claim_uid = %uid, "removed CDI spec of a claim no longer in use");
+                        report.stale_specs_removed += 1;
+                    }
+                    Err(err) => {
+                        let text = error_chain(&err);
+                        tracing::warn!(claim_uid = %uid, error = %text, "cannot remove stale CDI spec");
+                        report.problems.push(text);
+                    }
+                }
+            }
+            Ok(report)
+        })
+        .await?
+    }
+}
+
+/// What [`GpuDriver::adopt_after_corruption`] did.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Adopted {
+    /// UIDs of the claims recorded as completed.
+    pub adopted: Vec<String>,
+    /// Claims not adopted (a device held by another claim), with the reason; their specs stay.
+    pub refused: Vec<(String, String)>,
+    /// CDI specs removed.
+    pub stale_specs_removed: usize,
+    /// Specs that could not be removed.
+    pub problems: Vec<String>,
 }
 
 impl Shared {
@@ -487,8 +578,12 @@ fn lock_node(path: &Path) -> std::io::Result<File> {
     Ok(file)
 }
 
-/// Rolls back interrupted prepares, removes orphaned specs and temporary files.
+/// Rolls back interrupted prepares, removes orphaned specs and temporary files. After a
+/// corrupt checkpoint, orphaned specs are kept and listed in [`Startup::unaccounted_specs`]
+/// instead: the lost entries may describe claims whose pods still run, and removing their
+/// specs would break every container restart in them.
 fn recover(cdi: &CdiStore, ledger: &mut Ledger, startup: &mut Startup) -> Result<(), Error> {
+    let keep_orphans = matches!(startup.checkpoint, LoadOutcome::Corrupt { .. });
     for claim in ledger.state().started_claims() {
         let removed = if cdi::validate_claim_uid(&claim.uid).is_ok() {
             cdi.remove_claim_spec(&claim.uid).map(|_| ())
@@ -520,6 +615,10 @@ fn recover(cdi: &CdiStore, ledger: &mut Ledger, startup: &mut Startup) -> Result
         Ok(uids) => {
             for uid in uids {
                 if ledger.state().claim(&uid).is_some() {
+                    continue;
+                }
+                if keep_orphans {
+                    startup.unaccounted_specs.push(uid);
                     continue;
                 }
                 match cdi.remove_claim_spec(&uid) {

@@ -4,7 +4,8 @@
 //! device layer (`nvdra-gpu`), the kubelet-plugin library and the modules
 //! here: what is published ([`devices`]), how opaque configs apply
 //! ([`config`]), what a container gets ([`cdi`]), what survives a restart
-//! ([`checkpoint`]), and the events an operator sees ([`events`]).
+//! ([`checkpoint`]) and how it is rebuilt when lost ([`rebuild`]), and
+//! the events an operator sees ([`events`]).
 
 pub mod args;
 pub mod cdi;
@@ -15,4 +16,5 @@ pub mod devices;
 pub mod driver;
 pub mod events;
 pub mod metrics;
+pub mod rebuild;
 pub mod run;

@@ -8,7 +8,9 @@
 //! 3. the API client (rate-limited to `--kube-api-qps`/`--kube-api-burst`);
 //! 4. the GPU driver: checkpoint loaded (a corrupt one is set aside and
 //!    reported as a Node Event, never a crash loop), half-prepared claims
-//!    rolled back, orphaned CDI specs removed;
+//!    rolled back, orphaned CDI specs removed; after a corrupt checkpoint,
+//!    claims still in use are rebuilt from the ResourceClaims instead
+//!    ([`crate::rebuild`]), before the plugin serves;
 //! 5. the kubelet plugin: DRA socket, then registration socket, then the
 //!    ResourceSlice publisher with this node's devices;
 //! 6. the HTTP endpoint (`/metrics`, `/livez`, `/readyz`) and the periodic
@@ -33,6 +35,7 @@ use prometheus::{Encoder as _, Registry, TextEncoder};
 
 use crate::args::{Args, DeviceBackend, LogFormat};
 use crate::cdi::{CdiStore, CommonEdits, CommonOptions, Hooks, RootMapping};
+use crate::checkpoint::LoadOutcome;
 use crate::driver::{GpuDriver, GpuDriverConfig};
 use crate::events::NodeEvents;
 use crate::metrics::Metrics;
@@ -155,6 +158,12 @@ pub async fn run(args: Args) -> Result<(), Error> {
     // Best effort and off the start-up path: the recovery already happened.
     let checkpoint = startup.checkpoint.clone();
     tokio::spawn(async move { events.checkpoint_loaded(&checkpoint).await });
+    if matches!(startup.checkpoint, LoadOutcome::Corrupt { .. })
+        && !startup.unaccounted_specs.is_empty()
+    {
+        crate::rebuild::rebuild_after_corruption(&driver, &client, &startup.unaccounted_specs)
+            .await;
+    }
 
     let version = client
         .apiserver_version()

@@ -9,8 +9,8 @@ mod checkpoint_state {
     use std::collections::BTreeMap;
 
     use nvdra_agent::checkpoint::{
-        AllocatedDevice, BeginOutcome, CheckpointState, ClaimRef, ClaimState, DeviceInfo,
-        PreparedDevice, PreparedGpu, PreparedGroup, PreparedMig, PreparedVfio,
+        AllocatedDevice, BeginOutcome, CheckpointState, ClaimEntry, ClaimRef, ClaimState,
+        DeviceInfo, PreparedDevice, PreparedGpu, PreparedGroup, PreparedMig, PreparedVfio,
     };
     use pretty_assertions::assert_eq;
     use serde_json::json;
@@ -318,6 +318,57 @@ mod checkpoint_state {
                 .begin_prepare(&claim("u1"), vec![alloc("gpu-0")])
                 .unwrap(),
             BeginOutcome::NeedsRollback(entry)
+        );
+    }
+
+    #[test]
+    fn adopt_completed_records_a_lost_claim_once_and_respects_holders() {
+        let entry = |uid: &str, device: &str, admin_access: bool| ClaimEntry {
+            namespace: "default".into(),
+            name: format!("claim-{uid}"),
+            state: ClaimState::PrepareStarted,
+            allocated_devices: vec![AllocatedDevice {
+                admin_access,
+                ..alloc(device)
+            }],
+            prepared_devices: vec![group(vec![gpu(0)])],
+            ..ClaimEntry::default()
+        };
+        let mut state = CheckpointState::new("boot");
+        assert!(
+            state
+                .adopt_completed("u1", entry("u1", "gpu-0", false))
+                .unwrap()
+        );
+        let recorded = state.claim("u1").unwrap();
+        // Whatever state the caller filled in, the adopted claim is completed.
+        assert_eq!(recorded.state, ClaimState::PrepareCompleted);
+        assert_eq!(recorded.prepared_devices, vec![group(vec![gpu(0)])]);
+        assert!(recorded.updated_at.is_some());
+
+        // Already recorded: left as it is.
+        let before = state.clone();
+        assert!(
+            !state
+                .adopt_completed("u1", entry("u1", "gpu-1", false))
+                .unwrap()
+        );
+        assert_eq!(state, before);
+
+        // A held device is refused like in begin_prepare; admin access may share it.
+        assert_eq!(
+            state
+                .adopt_completed("u2", entry("u2", "gpu-0", false))
+                .unwrap_err()
+                .to_string(),
+            "device node-a/gpu-0 requested by claim default/claim-u2 (u2) is already in use by \
+             claim default/claim-u1 (u1) (PrepareCompleted)"
+        );
+        assert!(state.claim("u2").is_none());
+        assert!(
+            state
+                .adopt_completed("u3", entry("u3", "gpu-0", true))
+                .unwrap()
         );
     }
 

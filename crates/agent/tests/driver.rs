@@ -17,12 +17,14 @@ mod driver_prepare {
     use nvdra_agent::cdi::spec::DeviceNode;
     use nvdra_agent::checkpoint::{
         AllocatedDevice, CheckpointState, CheckpointStore, ClaimRef as CpRef, ClaimState,
-        DeviceInfo, PreparedGpu, PreparedMig,
+        DeviceInfo, LoadOutcome, PreparedGpu, PreparedMig,
     };
     use nvdra_agent::cleanup::{
         CleanupReport, StaleClaim, StaleReason, cleanup_stale_claims,
         cleanup_stale_claims_with_timeout,
     };
+    use nvdra_agent::driver::Adopted;
+    use nvdra_agent::rebuild::plan_rebuild;
     use nvdra_api::{FeatureGate, FeatureGates};
     use nvdra_kubelet_plugin::{
         BoxError, ClaimError, ClaimReader, ClaimRef, DraDriver, InMemoryClaimReader, PreparedDevice,
@@ -747,6 +749,120 @@ mod driver_prepare {
         // The restarted driver still refuses the device to another claim.
         let got = prepare(&restarted.driver, vec![gpu_claim("b", &uid(2), "gpu-0")]).await;
         assert!(got[&uid(2)].is_err());
+    }
+
+    #[tokio::test]
+    async fn corrupt_checkpoint_keeps_specs_until_live_claims_are_adopted() {
+        let dirs = Dirs::new();
+        let (a, b, orphan, c) = (uid(1), uid(2), uid(3), uid(4));
+        let mut claims = vec![gpu_claim("a", &a, "gpu-0"), gpu_claim("b", &b, "gpu-1")];
+        let before = {
+            let started = start(&dirs, H100);
+            let got = prepare(&started.driver, claims.clone()).await;
+            assert!(got.values().all(Result::is_ok), "{got:?}");
+            on_disk(&dirs)
+        };
+        std::fs::write(dirs.spec_path(&orphan), b"kind: k8s.gpu.nvidia.com/claim").unwrap();
+        std::fs::write(dirs.checkpoint_path(), b"{\"kind\": garbage").unwrap();
+
+        let restarted = start(&dirs, H100);
+        assert!(
+            matches!(restarted.startup.checkpoint, LoadOutcome::Corrupt { .. }),
+            "{:?}",
+            restarted.startup.checkpoint
+        );
+        assert_eq!(
+            restarted.startup.unaccounted_specs,
+            [a.clone(), b.clone(), orphan.clone()]
+        );
+        assert_eq!(restarted.startup.orphan_specs_removed, 0);
+        for kept in [&a, &b, &orphan] {
+            assert!(dirs.spec_path(kept).exists(), "spec of {kept} removed");
+        }
+        assert!(restarted.driver.checkpoint_state().is_empty());
+
+        // Both claims are still reserved by their pods; the orphan's claim is gone.
+        for claim in &mut claims {
+            claim.status.as_mut().unwrap().reserved_for = Some(vec![
+                k8s_openapi::api::resource::v1::ResourceClaimConsumerReference {
+                    resource: "pods".into(),
+                    name: "pod".into(),
+                    uid: "pod-uid".into(),
+                    ..Default::default()
+                },
+            ]);
+        }
+        let plan = plan_rebuild(
+            NODE,
+            DRIVER,
+            restarted.driver.allocatable_devices(),
+            &claims,
+            &restarted
+                .startup
+                .unaccounted_specs
+                .iter()
+                .cloned()
+                .collect(),
+        );
+        assert_eq!(plan.stale_specs, vec![orphan.clone()]);
+        let report = restarted
+            .driver
+            .adopt_after_corruption(plan.adopt, plan.stale_specs)
+            .await
+            .unwrap();
+        assert_eq!(
+            report,
+            Adopted {
+                adopted: vec![a.clone(), b.clone()],
+                refused: vec![],
+                stale_specs_removed: 1,
+                problems: vec![],
+            }
+        );
+
+        let after = on_disk(&dirs);
+        assert_eq!(after.completed_claims(), before.completed_claims());
+        for claim in [&a, &b] {
+            let devices = |state: &CheckpointState| -> Vec<_> {
+                state.claim(claim).unwrap().devices().cloned().collect()
+            };
+            assert_eq!(devices(&after), devices(&before), "claim {claim}");
+        }
+        assert!(dirs.spec_path(&a).exists());
+        assert!(dirs.spec_path(&b).exists());
+        assert!(!dirs.spec_path(&orphan).exists());
+        assert_eq!(
+            samples(&scrape(&restarted.registry), "nvidia_dra_prepared_devices")[0],
+            r#"nvidia_dra_prepared_devices{device_type="gpu",driver="gpu.nvidia.com",node="node-a"} 2"#
+        );
+
+        // No double use: an adopted device is refused to another claim.
+        let got = prepare(&restarted.driver, vec![gpu_claim("c", &c, "gpu-0")]).await;
+        assert_eq!(
+            got[&c],
+            Err(format!(
+                "device node-a/gpu-0 requested by claim ns/c ({c}) is already in use by claim \
+                 ns/a ({a}) (PrepareCompleted)"
+            ))
+        );
+        // A second adoption (a retry) changes nothing.
+        let again = restarted
+            .driver
+            .adopt_after_corruption(
+                plan_rebuild(
+                    NODE,
+                    DRIVER,
+                    restarted.driver.allocatable_devices(),
+                    &claims,
+                    &[a.clone()].into(),
+                )
+                .adopt,
+                vec![a.clone()],
+            )
+            .await
+            .unwrap();
+        assert_eq!(again, Adopted::default());
+        assert!(dirs.spec_path(&a).exists());
     }
 
     /// A reader that never answers in time.

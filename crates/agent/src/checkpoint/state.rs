@@ -501,6 +501,30 @@ impl CheckpointState {
         Ok(())
     }
 
+    /// Records `entry` as a `PrepareCompleted` claim `uid` without a Prepare: for rebuilding
+    /// the state of claims whose record was lost (a corrupt checkpoint) but whose devices are
+    /// still live. Returns `false`, changing nothing, when `uid` is already recorded. Refuses
+    /// with [`Error::DeviceInUse`], like [`Self::begin_prepare`], a device another claim holds.
+    pub fn adopt_completed(&mut self, uid: &str, mut entry: ClaimEntry) -> Result<bool, Error> {
+        if self.claims.contains_key(uid) {
+            return Ok(false);
+        }
+        for wanted in &entry.allocated_devices {
+            if let Some((holder_uid, holder)) = self.holder_of(uid, wanted) {
+                return Err(Error::DeviceInUse {
+                    device: format!("{}/{}", wanted.pool, wanted.device),
+                    claim: entry.claim_ref(uid).to_string(),
+                    holder: holder.claim_ref(holder_uid).to_string(),
+                    holder_state: holder.state.to_string(),
+                });
+            }
+        }
+        entry.state = ClaimState::PrepareCompleted;
+        entry.updated_at = Some(now_rfc3339());
+        self.claims.insert(uid.to_owned(), entry);
+        Ok(true)
+    }
+
     /// Forgets claim `uid` and returns its entry (what Unprepare must tear down); `None` for an
     /// unknown claim, which Unprepare treats as success.
     pub fn remove(&mut self, uid: &str) -> Option<ClaimEntry> {

@@ -487,7 +487,21 @@ fn write_spec(shared: &Shared, plan: &ClaimPlan) -> Result<Vec<PreparedGroup>, P
 
 fn recorded_device(claim_uid: &str, plan: &DevicePlan) -> RecordedDevice {
     let name = plan.device.name();
-    let info = match &plan.device {
+    RecordedDevice {
+        requests: vec![plan.request.clone()],
+        pool: plan.pool.clone(),
+        cdi_device_ids: vec![qualified_device_id(claim_uid, &name)],
+        device: name,
+        share_id: plan.share_id.clone(),
+        admin_access: plan.admin_access,
+        info: device_info(&plan.device),
+        extra: Map::new(),
+    }
+}
+
+/// The checkpoint's record of what `device` is, enough to find it again.
+pub(crate) fn device_info(device: &AllocatableDevice) -> DeviceInfo {
+    match device {
         AllocatableDevice::Gpu { info } => DeviceInfo::Gpu(PreparedGpu {
             uuid: info.uuid.clone(),
             minor: Some(info.minor),
@@ -502,16 +516,6 @@ fn recorded_device(claim_uid: &str, plan: &DevicePlan) -> RecordedDevice {
             placement_start: Some(mig.placement.start),
             placement_size: Some(mig.placement.size),
         }),
-    };
-    RecordedDevice {
-        requests: vec![plan.request.clone()],
-        pool: plan.pool.clone(),
-        cdi_device_ids: vec![qualified_device_id(claim_uid, &name)],
-        device: name,
-        share_id: plan.share_id.clone(),
-        admin_access: plan.admin_access,
-        info,
-        extra: Map::new(),
     }
 }
 
