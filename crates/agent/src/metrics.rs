@@ -2,7 +2,8 @@
 //!
 //! Job: register the upstream driver's kubelet-plugin metrics under their exact names, types,
 //! labels and buckets (so existing dashboards and alerts keep working), plus nvdra's own
-//! checkpoint metrics, on a [`Registry`] the caller injects (never the process-global default).
+//! checkpoint and ResourceSlice-publish metrics, on a [`Registry`] the caller injects (never
+//! the process-global default).
 //!
 //! | Metric | Type | Labels |
 //! |---|---|---|
@@ -14,6 +15,10 @@
 //! | `nvidia_dra_node_unprepare_errors_total` | counter | `driver`, `error_type` |
 //! | `nvdra_agent_checkpoint_writes_total` | counter | `result` (`success`/`error`) |
 //! | `nvdra_agent_checkpoint_write_duration_seconds` | histogram (100 µs … 1 s) | — |
+//! | `nvdra_agent_slice_publishes_total` | counter | `result` (`success`/`error`) |
+//! | `nvdra_agent_slice_publish_consecutive_failures` | gauge | — |
+//! | `nvdra_agent_slice_pool_generation` | gauge | — |
+//! | `nvdra_agent_slices` | gauge | — |
 //!
 //! Semantics follow upstream, where one "request" is one claim: `requests_total` counts claims
 //! prepared (or unprepared) successfully, `request_duration_seconds` observes, per such claim,
@@ -21,6 +26,11 @@
 //! they share its latency), `requests_inflight` counts claims inside driver calls, and the
 //! error counters count failed claims by the stage that failed. `prepared_devices` is
 //! recomputed from the checkpoint (completed claims only) after every write.
+//!
+//! The slice metrics mirror the publisher's [`Status`] ([`follow_slice_status`]); the
+//! kubelet-plugin library stays metrics-free. A status channel keeps only the latest value, so
+//! passes that finish between two wake-ups of the follower count once: the publish counters
+//! are a lower bound (passes are spaced by debounce and backoff, so this is rare).
 //!
 //! Invariants: every label value comes from a closed set (driver and node names are fixed at
 //! construction), so cardinality is bounded. Every series a scrape could ask about is created
@@ -33,7 +43,11 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry};
+use nvdra_kubelet_plugin::resourceslice::Status;
+use prometheus::{
+    HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
+use tokio::sync::watch;
 
 use crate::checkpoint::DEVICE_TYPE_LABELS;
 
@@ -121,6 +135,10 @@ pub struct Metrics {
     unprepare_errors: IntCounterVec,
     checkpoint_writes: IntCounterVec,
     checkpoint_write_duration: prometheus::Histogram,
+    slice_publishes: IntCounterVec,
+    slice_publish_failures: IntGauge,
+    slice_pool_generation: IntGauge,
+    slices: IntGauge,
 }
 
 impl Metrics {
@@ -185,6 +203,25 @@ impl Metrics {
             )
             .buckets(CHECKPOINT_WRITE_BUCKETS.to_vec()),
         )?;
+        let slice_publishes = IntCounterVec::new(
+            Opts::new(
+                "nvdra_agent_slice_publishes_total",
+                "ResourceSlice publisher passes by result.",
+            ),
+            &["result"],
+        )?;
+        let slice_publish_failures = IntGauge::new(
+            "nvdra_agent_slice_publish_consecutive_failures",
+            "ResourceSlice publisher passes that failed since the last success.",
+        )?;
+        let slice_pool_generation = IntGauge::new(
+            "nvdra_agent_slice_pool_generation",
+            "Generation of the node's ResourceSlice pool after the last successful pass.",
+        )?;
+        let slices = IntGauge::new(
+            "nvdra_agent_slices",
+            "ResourceSlices in the node's pool after the last successful pass.",
+        )?;
 
         registry.register(Box::new(requests_total.clone()))?;
         registry.register(Box::new(request_duration.clone()))?;
@@ -194,6 +231,10 @@ impl Metrics {
         registry.register(Box::new(unprepare_errors.clone()))?;
         registry.register(Box::new(checkpoint_writes.clone()))?;
         registry.register(Box::new(checkpoint_write_duration.clone()))?;
+        registry.register(Box::new(slice_publishes.clone()))?;
+        registry.register(Box::new(slice_publish_failures.clone()))?;
+        registry.register(Box::new(slice_pool_generation.clone()))?;
+        registry.register(Box::new(slices.clone()))?;
 
         let metrics = Self {
             driver: driver.to_owned(),
@@ -206,6 +247,10 @@ impl Metrics {
             unprepare_errors,
             checkpoint_writes,
             checkpoint_write_duration,
+            slice_publishes,
+            slice_publish_failures,
+            slice_pool_generation,
+            slices,
         };
         for operation in Operation::ALL {
             let labels = [driver, operation.as_str()];
@@ -220,6 +265,7 @@ impl Metrics {
         }
         for result in ["success", "error"] {
             metrics.checkpoint_writes.with_label_values(&[result]);
+            metrics.slice_publishes.with_label_values(&[result]);
         }
         for device_type in DEVICE_TYPE_LABELS {
             metrics
@@ -290,6 +336,43 @@ impl Metrics {
     }
 }
 
+/// Mirrors the ResourceSlice publisher's status into `metrics` until the publisher stops
+/// (its status channel closes). Passes already finished when this starts are counted too.
+pub async fn follow_slice_status(mut status: watch::Receiver<Status>, metrics: Metrics) {
+    let mut previous = Status::default();
+    loop {
+        let current = status.borrow_and_update().clone();
+        observe_slice_status(&previous, &current, &metrics);
+        previous = current;
+        if status.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Applies one publisher status change: a new `last_success` is one successful pass, a new
+/// `last_error_at` one failed pass; the gauges copy the status.
+fn observe_slice_status(previous: &Status, current: &Status, metrics: &Metrics) {
+    if current.last_success != previous.last_success {
+        metrics
+            .slice_publishes
+            .with_label_values(&["success"])
+            .inc();
+    }
+    if current.last_error_at != previous.last_error_at {
+        metrics.slice_publishes.with_label_values(&["error"]).inc();
+    }
+    metrics
+        .slice_publish_failures
+        .set(i64::from(current.consecutive_failures));
+    metrics
+        .slice_pool_generation
+        .set(current.generation.unwrap_or(0));
+    metrics
+        .slices
+        .set(i64::try_from(current.slices).unwrap_or(i64::MAX));
+}
+
 /// Claims counted in `nvidia_dra_requests_inflight` until this drops.
 #[derive(Debug)]
 pub struct Inflight {
@@ -354,6 +437,16 @@ mod tests {
                 r#"nvidia_dra_prepared_devices{device_type="vfio",driver="gpu.nvidia.com",node="node-a"} 0"#,
             ]
         );
+        assert_eq!(
+            samples(&text, "nvdra_agent_slice"),
+            [
+                "nvdra_agent_slice_pool_generation 0",
+                "nvdra_agent_slice_publish_consecutive_failures 0",
+                r#"nvdra_agent_slice_publishes_total{result="error"} 0"#,
+                r#"nvdra_agent_slice_publishes_total{result="success"} 0"#,
+                "nvdra_agent_slices 0",
+            ]
+        );
         let buckets: Vec<String> = samples(
             &text,
             r#"nvidia_dra_request_duration_seconds_bucket{driver="gpu.nvidia.com",operation="prepare""#,
@@ -402,6 +495,141 @@ mod tests {
         ] {
             assert!(text.lines().any(|l| l == want), "missing {want}\n{text}");
         }
+    }
+
+    /// A publisher status whose timestamps are seconds after the epoch.
+    fn status(
+        success_at: Option<u64>,
+        error_at: Option<u64>,
+        consecutive_failures: u32,
+        generation: Option<i64>,
+        slices: usize,
+    ) -> Status {
+        let at = |secs| std::time::UNIX_EPOCH + Duration::from_secs(secs);
+        Status {
+            last_success: success_at.map(at),
+            generation,
+            slices,
+            last_error: error_at.map(|_| "apply slice: boom".to_owned()),
+            last_error_at: error_at.map(at),
+            consecutive_failures,
+            warnings: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn slice_status_changes_move_the_slice_series() {
+        let cases = [
+            (
+                "no change",
+                Status::default(),
+                Status::default(),
+                [0, 0, 0, 0, 0],
+            ),
+            (
+                "first success",
+                Status::default(),
+                status(Some(10), None, 0, Some(1), 2),
+                [0, 1, 0, 1, 2],
+            ),
+            (
+                "failure after success keeps the last good pool",
+                status(Some(10), None, 0, Some(1), 2),
+                status(Some(10), Some(20), 1, Some(1), 2),
+                [1, 0, 1, 1, 2],
+            ),
+            (
+                "another failure in a row",
+                status(Some(10), Some(20), 1, Some(1), 2),
+                status(Some(10), Some(30), 2, Some(1), 2),
+                [1, 0, 2, 1, 2],
+            ),
+            (
+                "recovery keeps the old error but resets the gauge",
+                status(Some(10), Some(30), 2, Some(1), 2),
+                status(Some(40), Some(30), 0, Some(2), 3),
+                [0, 1, 0, 2, 3],
+            ),
+            (
+                "failure and success coalesced into one change count both",
+                status(Some(10), None, 0, Some(1), 2),
+                status(Some(50), Some(45), 0, Some(2), 1),
+                [1, 1, 0, 2, 1],
+            ),
+            (
+                "warnings alone count no pass",
+                status(Some(10), None, 0, Some(1), 2),
+                Status {
+                    warnings: vec!["dropped field".to_owned()],
+                    ..status(Some(10), None, 0, Some(1), 2)
+                },
+                [0, 0, 0, 1, 2],
+            ),
+        ];
+        for (name, previous, current, [errors, successes, failures, generation, slices]) in cases {
+            let registry = Registry::new();
+            let metrics = Metrics::new(&registry, "gpu.nvidia.com", "node-a").unwrap();
+            observe_slice_status(&previous, &current, &metrics);
+            assert_eq!(
+                samples(&scrape(&registry), "nvdra_agent_slice"),
+                [
+                    format!("nvdra_agent_slice_pool_generation {generation}"),
+                    format!("nvdra_agent_slice_publish_consecutive_failures {failures}"),
+                    format!(r#"nvdra_agent_slice_publishes_total{{result="error"}} {errors}"#),
+                    format!(r#"nvdra_agent_slice_publishes_total{{result="success"}} {successes}"#),
+                    format!("nvdra_agent_slices {slices}"),
+                ],
+                "{name}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn slice_follower_counts_every_seen_change_and_ends_when_the_channel_closes() {
+        let registry = Registry::new();
+        let metrics = Metrics::new(&registry, "gpu.nvidia.com", "node-a").unwrap();
+        let counter = |result| metrics.slice_publishes.with_label_values(&[result]).get();
+        // A pass finished before the follower started: it is counted too.
+        let (sender, receiver) = watch::channel(status(Some(10), None, 0, Some(1), 2));
+        let follower = tokio::spawn(follow_slice_status(receiver, metrics.clone()));
+        for (next, seen) in [
+            (None, [("success", 1), ("error", 0)]),
+            (
+                Some(status(Some(10), Some(20), 1, Some(1), 2)),
+                [("success", 1), ("error", 1)],
+            ),
+            (
+                Some(status(Some(30), Some(20), 0, Some(2), 4)),
+                [("success", 2), ("error", 1)],
+            ),
+        ] {
+            if let Some(next) = next {
+                sender.send(next).unwrap();
+            }
+            // Wait until the follower saw this value; the channel would coalesce the next one.
+            tokio::time::timeout(Duration::from_secs(5), async {
+                while seen.iter().any(|(result, want)| counter(*result) != *want) {
+                    tokio::task::yield_now().await;
+                }
+            })
+            .await
+            .unwrap();
+        }
+        drop(sender);
+        tokio::time::timeout(Duration::from_secs(5), follower)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            samples(&scrape(&registry), "nvdra_agent_slice"),
+            [
+                "nvdra_agent_slice_pool_generation 2",
+                "nvdra_agent_slice_publish_consecutive_failures 0",
+                r#"nvdra_agent_slice_publishes_total{result="error"} 1"#,
+                r#"nvdra_agent_slice_publishes_total{result="success"} 2"#,
+                "nvdra_agent_slices 4",
+            ]
+        );
     }
 
     #[test]

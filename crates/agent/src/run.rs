@@ -139,7 +139,7 @@ pub async fn run(args: Args) -> Result<(), Error> {
         common_edits,
         gates: args.feature_gates.clone(),
         boot_id: read_boot_id(&args.boot_id_path),
-        metrics,
+        metrics: metrics.clone(),
     })
     .map_err(Error::StartDriver)?;
     let driver = Arc::new(driver);
@@ -193,6 +193,12 @@ pub async fn run(args: Args) -> Result<(), Error> {
         .build()
         .map_err(Error::Plugin)?;
     if let Some(publisher) = plugin.slice_publisher() {
+        // Not critical: without it only the slice metrics go stale.
+        let status = publisher.watch_status();
+        tokio::spawn(async move {
+            crate::metrics::follow_slice_status(status, metrics).await;
+            tracing::info!("ResourceSlice publisher stopped; slice metrics no longer update");
+        });
         publisher
             .publish(driver.node_resources())
             .map_err(Error::PublishDevices)?;
