@@ -16,6 +16,12 @@
 //!
 //! A floor is measured too: one bare atomic file replacement (write, fsync, rename, fsync
 //! directory) in the same directory, which every checkpoint and spec write is.
+//!
+//! Measured first: start-up from nothing (fresh temp dirs, a fresh child process each time)
+//! to registered-and-published, doing what `run.rs` does after argument parsing, phase by
+//! phase (target: under 300 ms). "Published" stops at the ResourceSlices computed
+//! and validated (`desired_slices`): writing them needs an API server, so that round trip is
+//! left to the e2e tests.
 
 // A benchmark's output is its report; and like a test it may stop on the first surprise.
 #![allow(clippy::print_stdout, clippy::unwrap_used, clippy::expect_used)]
@@ -23,20 +29,28 @@
 #[path = "../tests/driver/fixtures.rs"]
 mod fixtures;
 
+use std::future::Future;
 use std::io::Write as _;
 use std::os::unix::fs::OpenOptionsExt as _;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use nvdra_agent::driver::GpuDriver;
+use nvdra_agent::cdi::{CdiStore, CommonEdits, CommonOptions, Hooks, RootMapping};
+use nvdra_agent::driver::{GpuDriver, GpuDriverConfig};
+use nvdra_agent::metrics::Metrics;
 use nvdra_api::FeatureGates;
+use nvdra_gpu::{FakeBackend, GpuBackend};
 use nvdra_kubelet_plugin::proto::dra_v1;
-use nvdra_kubelet_plugin::{DraDriver as _, InMemoryClaimReader};
+use nvdra_kubelet_plugin::proto::registration::registration_client::RegistrationClient;
+use nvdra_kubelet_plugin::proto::registration::{InfoRequest, RegistrationStatus};
+use nvdra_kubelet_plugin::resourceslice::{CounterLayout, SliceOwner, desired_slices};
+use nvdra_kubelet_plugin::{DraDriver as _, InMemoryClaimReader, KubeletPlugin, RegistrationState};
 
 use fixtures::*;
 
 struct Settings {
+    startup_runs: usize,
     warmup: usize,
     single_cycles: usize,
     batch_cycles: usize,
@@ -45,6 +59,7 @@ struct Settings {
 }
 
 const FULL: Settings = Settings {
+    startup_runs: 20,
     warmup: 100,
     single_cycles: 2000,
     batch_cycles: 500,
@@ -53,6 +68,7 @@ const FULL: Settings = Settings {
 };
 
 const SMOKE: Settings = Settings {
+    startup_runs: 2,
     warmup: 1,
     single_cycles: 3,
     batch_cycles: 2,
@@ -60,7 +76,15 @@ const SMOKE: Settings = Settings {
     floor_samples: 5,
 };
 
+/// Argument that makes this binary do one start-up and print its timings (see
+/// [`measure_startups`]).
+const STARTUP_CHILD: &str = "--startup-child";
+
 fn main() {
+    if std::env::args().any(|arg| arg == STARTUP_CHILD) {
+        startup_child();
+        return;
+    }
     let full = std::env::args().any(|arg| arg == "--bench");
     let settings = if full { &FULL } else { &SMOKE };
     tokio::runtime::Builder::new_multi_thread()
@@ -86,6 +110,8 @@ async fn run(settings: &Settings, full: bool) {
             "smoke (no --bench)"
         }
     );
+
+    measure_startups(settings.startup_runs);
 
     let floor = measure_floor(disk.root.path(), settings.floor_samples, true);
     report("floor: one atomic file replace (2 fsyncs)", &floor);
@@ -190,6 +216,198 @@ async fn run(settings: &Settings, full: bool) {
     } else {
         println!("/dev/shm is not tmpfs; skipping the tmpfs CDI root variant");
     }
+}
+
+/// Phases of one start-up, in order; each is the time since the previous one ended.
+const PHASES: [&str; 8] = [
+    "open the fake backend (h100-sxm-80gb-x8)",
+    "discover the driver's files for CDI",
+    "start the driver (checkpoint load, recovery)",
+    "build the kubelet plugin",
+    "compute and validate the ResourceSlices",
+    "sockets up (DRA, then registration)",
+    "kubelet connects, GetInfo answered",
+    "NotifyRegistrationStatus(registered) answered",
+];
+
+/// `runs` start-ups, each in a fresh child process (this binary with [`STARTUP_CHILD`]) and
+/// fresh temp dirs, so every one is cold as the agent's only start-up is, and none leaves
+/// allocations behind in this process's memory figures; prints the distribution of the total
+/// and of each phase.
+fn measure_startups(runs: usize) {
+    let exe = std::env::current_exe().unwrap();
+    let mut totals = Vec::with_capacity(runs);
+    let mut phases: Vec<Vec<Duration>> = vec![Vec::with_capacity(runs); PHASES.len()];
+    for _ in 0..runs {
+        let output = std::process::Command::new(&exe)
+            .arg(STARTUP_CHILD)
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success(),
+            "start-up child failed: {}\n{stdout}{}",
+            output.status,
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let nanos: Vec<u64> = stdout
+            .lines()
+            .find_map(|line| line.strip_prefix("startup-nanos:"))
+            .unwrap_or_else(|| panic!("no timings from the start-up child:\n{stdout}"))
+            .split_whitespace()
+            .map(|n| n.parse().unwrap())
+            .collect();
+        assert_eq!(nanos.len(), PHASES.len() + 1, "{stdout}");
+        totals.push(Duration::from_nanos(nanos[0]));
+        for (all, one) in phases.iter_mut().zip(&nanos[1..]) {
+            all.push(Duration::from_nanos(*one));
+        }
+    }
+    report(
+        "start-up to registered and published (fake 8xH100)",
+        &totals,
+    );
+    for (name, samples) in PHASES.iter().zip(&phases) {
+        report(&format!("  start-up phase: {name}"), samples);
+    }
+}
+
+/// The child side of [`measure_startups`]: one start-up on a runtime like the agent's, its
+/// total and phases printed in nanoseconds on one line.
+fn startup_child() {
+    let (total, phases) = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(measure_startup());
+    let phases: Vec<String> = phases.iter().map(|d| d.as_nanos().to_string()).collect();
+    println!("startup-nanos: {} {}", total.as_nanos(), phases.join(" "));
+}
+
+/// One start-up from nothing, as `run.rs` does it after argument parsing, with a fake
+/// kubelet registering the plugin: the total, and each phase's share.
+async fn measure_startup() -> (Duration, Vec<Duration>) {
+    let dirs = Dirs::new();
+    let mut clock = Phases::new();
+
+    let backend: Arc<dyn GpuBackend> = Arc::new(FakeBackend::builtin(H100).unwrap().unwrap());
+    clock.lap();
+    let common_edits = CommonEdits::discover(
+        backend.as_ref(),
+        RootMapping::new(fake_driver_root(), HOST_DRIVER_ROOT),
+        &CommonOptions {
+            hooks: Hooks::CdiHook { path: HOOK.into() },
+            env: Vec::new(),
+        },
+    )
+    .unwrap();
+    clock.lap();
+    let registry = prometheus::Registry::new();
+    let (driver, _startup) = GpuDriver::start(GpuDriverConfig {
+        node_name: NODE.into(),
+        backend,
+        plugin_data_dir: dirs.data.clone(),
+        cdi: CdiStore::new(&dirs.cdi),
+        common_edits,
+        gates: FeatureGates::default(),
+        boot_id: BOOT_ID.into(),
+        metrics: Metrics::new(&registry, DRIVER, NODE).unwrap(),
+    })
+    .unwrap();
+    let driver = Arc::new(driver);
+    clock.lap();
+    let plugin = KubeletPlugin::builder(DRIVER, Arc::clone(&driver))
+        .registrar_dir(&dirs.registrar)
+        .plugin_data_dir(&dirs.data)
+        .claim_reader(Arc::new(InMemoryClaimReader::new()))
+        .build()
+        .unwrap();
+    clock.lap();
+    // What `Publisher::publish` checks before the API writes, plus building the objects.
+    let resources = driver.node_resources();
+    let owner = SliceOwner {
+        driver: DRIVER.into(),
+        node_name: NODE.into(),
+        node_uid: "5d4e8f2a-1b3c-4d5e-9f60-718293a4b5c6".into(),
+    };
+    let slices = desired_slices(&owner, CounterLayout::Separate, &resources).unwrap();
+    clock.lap();
+    let published: usize = slices
+        .iter()
+        .map(|s| s.spec.devices.as_ref().map_or(0, Vec::len))
+        .sum();
+    assert_eq!(published, resources.devices.len());
+    assert!(published >= 8, "{published} devices published");
+
+    let registration_socket = plugin.registration_socket_path().to_owned();
+    let mut registration = plugin.registration_status();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let handle = tokio::spawn(plugin.run(async move {
+        let _ = stopped.await;
+    }));
+    // Polled without a timer: tokio's timers tick in whole milliseconds.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !is_socket(&registration_socket) {
+        assert!(Instant::now() < deadline, "plugin did not start");
+        tokio::task::yield_now().await;
+    }
+    clock.lap();
+    let mut kubelet = RegistrationClient::new(channel(&registration_socket).await);
+    let info = kubelet.get_info(InfoRequest {}).await.unwrap().into_inner();
+    assert_eq!(info.name, DRIVER);
+    clock.lap();
+    kubelet
+        .notify_registration_status(RegistrationStatus {
+            plugin_registered: true,
+            error: String::new(),
+        })
+        .await
+        .unwrap();
+    registration
+        .wait_for(|state| *state == RegistrationState::Registered)
+        .await
+        .unwrap();
+    clock.lap();
+    let total = clock.total();
+
+    drop(kubelet);
+    let _ = stop.send(());
+    with_timeout(handle).await.unwrap().unwrap();
+    (total, clock.laps)
+}
+
+/// A stopwatch with laps.
+struct Phases {
+    started: Instant,
+    last: Instant,
+    laps: Vec<Duration>,
+}
+
+impl Phases {
+    fn new() -> Self {
+        let now = Instant::now();
+        Self {
+            started: now,
+            last: now,
+            laps: Vec::with_capacity(PHASES.len()),
+        }
+    }
+
+    fn lap(&mut self) {
+        let now = Instant::now();
+        self.laps.push(now - self.last);
+        self.last = now;
+    }
+
+    fn total(&self) -> Duration {
+        self.last - self.started
+    }
+}
+
+async fn with_timeout<T>(future: impl Future<Output = T>) -> T {
+    tokio::time::timeout(Duration::from_secs(10), future)
+        .await
+        .expect("timed out after 10 s")
 }
 
 /// A driver behind a running plugin and a connected v1 client.

@@ -266,11 +266,12 @@ mod cdi_render {
                  {r}/lib64, {r}/lib/x86_64-linux-gnu, {r}/lib/aarch64-linux-gnu)"
             )
         );
-        // The fake profiles' other driver version has no files in the tree.
-        let err = DriverFiles::discover(mapping(), "580.82.07").unwrap_err();
+        // A version the fake tree has no files of (only its libcuda is missing
+        // from the custom tree above; here nothing is there).
+        let err = DriverFiles::discover(mapping(), "575.57.08").unwrap_err();
         assert!(
             err.to_string()
-                .starts_with("cannot find libnvidia-ml.so.580.82.07 under driver root "),
+                .starts_with("cannot find libnvidia-ml.so.575.57.08 under driver root "),
             "{err}"
         );
     }
@@ -474,13 +475,112 @@ mod cdi_render {
         );
         assert_eq!(common.edits().mounts, expected_common_edits().mounts);
 
-        // A profile whose driver version the tree does not have.
-        let err = CommonEdits::discover(&backend("gb200-x4"), mapping(), &options()).unwrap_err();
-        assert!(
-            err.to_string()
-                .starts_with("cannot find libnvidia-ml.so.580.82.07"),
-            "{err}"
+        // Another profile, another driver version: its files, not the h100's.
+        let gb200 = CommonEdits::discover(&backend("gb200-x4"), mapping(), &options()).unwrap();
+        assert_eq!(
+            gb200.edits().mounts[0],
+            ro("/usr/lib/aarch64-linux-gnu/libnvidia-ml.so.580.82.07")
         );
+    }
+
+    /// Every built-in fake profile's driver version is discoverable in the fake tree, and
+    /// discovery for one version picks up no file of another (the tree holds two versions
+    /// side by side, plus a stale libcuda).
+    #[test]
+    fn every_builtin_profile_finds_its_own_driver_version_only() {
+        const X86: &str = "/usr/lib/x86_64-linux-gnu";
+        const ARM: &str = "/usr/lib/aarch64-linux-gnu";
+        // (profile, driver version it reports, directory its libraries are found in)
+        let cases = [
+            ("h100-sxm-80gb-x8", "570.172.08", X86),
+            ("h200-x8", "570.172.08", X86),
+            ("a100-40gb-x8-mig", "570.172.08", X86),
+            ("l4-x2", "570.172.08", X86),
+            ("gb200-x4", "580.82.07", ARM),
+        ];
+        let mut builtin: Vec<&str> = nvdra_gpu::fake::BUILTIN_PROFILES
+            .iter()
+            .map(|(name, _)| *name)
+            .collect();
+        builtin.sort_unstable();
+        let mut covered: Vec<&str> = cases.iter().map(|(name, _, _)| *name).collect();
+        covered.sort_unstable();
+        assert_eq!(
+            covered, builtin,
+            "a built-in profile is missing from the table"
+        );
+        let all_versions = ["570.172.08", "580.82.07", "550.54.15"];
+
+        for (profile, version, dir) in cases {
+            let backend = backend(profile);
+            assert_eq!(
+                backend.driver().unwrap().driver_version,
+                version,
+                "{profile}"
+            );
+            let found = DriverFiles::discover(mapping(), version)
+                .unwrap_or_else(|err| panic!("{profile}: {err}"));
+            let lib_at = |name: &str| file(&format!("{dir}/{name}.{version}"));
+            assert_eq!(
+                found.libraries,
+                [
+                    "libnvidia-ml.so",
+                    "libcuda.so",
+                    "libcudadebugger.so",
+                    "libnvidia-gpucomp.so",
+                    "libnvidia-ptxjitcompiler.so",
+                    "libnvidia-nvvm.so",
+                ]
+                .map(lib_at),
+                "{profile}"
+            );
+            let links: Vec<(String, String)> = found
+                .links
+                .iter()
+                .map(|l| (l.target.clone(), l.link.display().to_string()))
+                .collect();
+            let link = |target: String, name: &str| (target, format!("{dir}/{name}"));
+            assert_eq!(
+                links,
+                [
+                    link(format!("libnvidia-ml.so.{version}"), "libnvidia-ml.so.1"),
+                    link(format!("libcuda.so.{version}"), "libcuda.so.1"),
+                    link("libcuda.so.1".into(), "libcuda.so"),
+                    link(
+                        format!("libcudadebugger.so.{version}"),
+                        "libcudadebugger.so.1"
+                    ),
+                    link(
+                        format!("libnvidia-ptxjitcompiler.so.{version}"),
+                        "libnvidia-ptxjitcompiler.so.1"
+                    ),
+                    link(
+                        format!("libnvidia-nvvm.so.{version}"),
+                        "libnvidia-nvvm.so.4"
+                    ),
+                ],
+                "{profile}"
+            );
+            assert_eq!(
+                found.firmware,
+                [
+                    file(&format!("/lib/firmware/nvidia/{version}/gsp_ga10x.bin")),
+                    file(&format!("/lib/firmware/nvidia/{version}/gsp_tu10x.bin")),
+                ],
+                "{profile}"
+            );
+            assert_eq!(found.library_dirs(), [PathBuf::from(dir)], "{profile}");
+
+            // Every path of the rendered common edits, through the backend as the agent
+            // does it: none names another driver version.
+            let common = CommonEdits::discover(&backend, mapping(), &options())
+                .unwrap_or_else(|err| panic!("{profile}: {err}"));
+            let yaml = serde_saphyr::to_string(common.edits()).unwrap();
+            assert!(yaml.contains(version), "{profile}:\n{yaml}");
+            for other in all_versions.iter().filter(|v| **v != version) {
+                assert!(!yaml.contains(other), "{profile} mentions {other}:\n{yaml}");
+            }
+        }
     }
 
     #[test]
