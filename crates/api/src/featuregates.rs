@@ -9,6 +9,16 @@
 //! Parsing ([`FromStr`]) also runs [`FeatureGates::validate`], so a value accepted as a clap
 //! argument is always consistent: gates that depend on each other or exclude each other are
 //! rejected at startup with an error naming both gates.
+//!
+//! The chart hands one `FEATURE_GATES` string to every component, and upstream's components parse
+//! it with Kubernetes' component-base registry, so nvdra also accepts that registry's generic
+//! names: `AllAlpha` / `AllBeta` set every Alpha / Beta gate of ours that the same string does not
+//! name explicitly (an explicit entry wins wherever it appears), and `ContextualLogging`,
+//! `LoggingAlphaOptions`, `LoggingBetaOptions` are accepted for compatibility only and change
+//! nothing (nvdra's logging is always structured and contextual). None of these five appear in the
+//! [`Display`](fmt::Display) form: it already carries the expanded per-gate values. Validation runs
+//! after the expansion, so `AllAlpha=true` alone is refused (it enables mutually exclusive gates),
+//! as it would be upstream.
 
 use std::fmt;
 use std::str::FromStr;
@@ -97,13 +107,50 @@ impl fmt::Display for FeatureGate {
     }
 }
 
-/// Comma-separated names of every gate, for error messages.
+/// Sets every Alpha gate not named explicitly in the same string.
+const ALL_ALPHA: &str = "AllAlpha";
+/// Sets every Beta gate not named explicitly in the same string.
+const ALL_BETA: &str = "AllBeta";
+/// component-base logging gates: accepted so a shared `FEATURE_GATES` string parses, but they
+/// have no effect because nvdra's logging is always structured and contextual.
+const LOGGING_GATES: &[&str] = &[
+    "ContextualLogging",
+    "LoggingAlphaOptions",
+    "LoggingBetaOptions",
+];
+
+/// Comma-separated names of every gate and every accepted generic name, for error messages.
 fn known_gates() -> String {
     FeatureGate::ALL
         .iter()
         .map(|g| g.name())
+        .chain([ALL_ALPHA, ALL_BETA])
+        .chain(LOGGING_GATES.iter().copied())
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// What a name in `--feature-gates` refers to.
+enum Entry {
+    Gate(FeatureGate),
+    AllAlpha,
+    AllBeta,
+    /// Accepted for compatibility, no effect.
+    Ignored,
+}
+
+impl Entry {
+    fn from_name(name: &str) -> Option<Self> {
+        if let Some(gate) = FeatureGate::from_name(name) {
+            return Some(Self::Gate(gate));
+        }
+        match name {
+            ALL_ALPHA => Some(Self::AllAlpha),
+            ALL_BETA => Some(Self::AllBeta),
+            _ if LOGGING_GATES.contains(&name) => Some(Self::Ignored),
+            _ => None,
+        }
+    }
 }
 
 /// Parsing or validating feature gates failed.
@@ -120,14 +167,14 @@ pub enum FeatureGateError {
     UnknownGate {
         /// The unknown name.
         name: String,
-        /// Every known gate.
+        /// Every known gate and accepted generic name.
         known: String,
     },
     /// The value is not a boolean.
     #[error("invalid value {value:?} for feature gate {gate}: expected true or false")]
     InvalidValue {
-        /// The gate.
-        gate: FeatureGate,
+        /// The gate or generic name (such as `AllAlpha`) as written.
+        gate: String,
         /// The rejected value.
         value: String,
     },
@@ -205,10 +252,14 @@ impl FeatureGates {
     }
 
     /// Parses `Name=bool,…` on top of the defaults without checking dependencies. Whitespace
-    /// around names and values and empty entries are ignored; a later entry for the same gate
+    /// around names and values and empty entries are ignored; a later entry for the same name
     /// wins. Values accept Go's `strconv.ParseBool` spellings (`true`, `1`, `T`, `FALSE`, …).
+    /// `AllAlpha` / `AllBeta` apply to the gates of that stage not named explicitly, wherever
+    /// they appear; the logging gates are accepted and ignored (see the module docs).
     pub fn parse_unvalidated(text: &str) -> Result<Self, FeatureGateError> {
-        let mut gates = Self::default();
+        let mut explicit = [None::<bool>; FeatureGate::ALL.len()];
+        let mut all_alpha = None;
+        let mut all_beta = None;
         for entry in text.split(',') {
             let entry = entry.trim();
             if entry.is_empty() {
@@ -220,17 +271,31 @@ impl FeatureGates {
                 });
             };
             let name = name.trim();
-            let gate =
-                FeatureGate::from_name(name).ok_or_else(|| FeatureGateError::UnknownGate {
-                    name: name.to_owned(),
-                    known: known_gates(),
-                })?;
+            let target = Entry::from_name(name).ok_or_else(|| FeatureGateError::UnknownGate {
+                name: name.to_owned(),
+                known: known_gates(),
+            })?;
             let value = value.trim();
             let enabled = parse_bool(value).ok_or_else(|| FeatureGateError::InvalidValue {
-                gate,
+                gate: name.to_owned(),
                 value: value.to_owned(),
             })?;
-            gates.set(gate, enabled);
+            match target {
+                Entry::Gate(gate) => explicit[gate as usize] = Some(enabled),
+                Entry::AllAlpha => all_alpha = Some(enabled),
+                Entry::AllBeta => all_beta = Some(enabled),
+                Entry::Ignored => {}
+            }
+        }
+        let mut gates = Self::default();
+        for &gate in FeatureGate::ALL {
+            let stage_wide = match gate.stage() {
+                Stage::Alpha => all_alpha,
+                Stage::Beta => all_beta,
+            };
+            if let Some(enabled) = explicit[gate as usize].or(stage_wide) {
+                gates.set(gate, enabled);
+            }
         }
         Ok(gates)
     }
@@ -298,7 +363,9 @@ mod tests {
 
     const KNOWN: &str = "TimeSlicingSettings, MPSSupport, IMEXDaemonsWithDNSNames, \
                          PassthroughSupport, DynamicMIG, NVMLDeviceHealthCheck, \
-                         ComputeDomainCliques, CrashOnNVLinkFabricErrors, DeviceMetadata";
+                         ComputeDomainCliques, CrashOnNVLinkFabricErrors, DeviceMetadata, \
+                         AllAlpha, AllBeta, ContextualLogging, LoggingAlphaOptions, \
+                         LoggingBetaOptions";
 
     #[test]
     fn defaults_and_stages() {
@@ -352,6 +419,66 @@ mod tests {
             (
                 "CrashOnNVLinkFabricErrors=0",
                 &[(CrashOnNVLinkFabricErrors, false)],
+            ),
+            // Logging gates are accepted and change nothing.
+            (
+                "ContextualLogging=true,LoggingAlphaOptions=false,LoggingBetaOptions=1",
+                &[],
+            ),
+            (
+                "ContextualLogging=true,DynamicMIG=true",
+                &[(DynamicMIG, true)],
+            ),
+            // AllAlpha / AllBeta cover the unnamed gates of their stage; explicit entries win
+            // wherever they appear.
+            (
+                "AllAlpha=true,DynamicMIG=false,NVMLDeviceHealthCheck=false",
+                &[
+                    (TimeSlicingSettings, true),
+                    (MPSSupport, true),
+                    (PassthroughSupport, true),
+                    (DeviceMetadata, true),
+                ],
+            ),
+            (
+                "DynamicMIG=false,NVMLDeviceHealthCheck=false,AllAlpha=true",
+                &[
+                    (TimeSlicingSettings, true),
+                    (MPSSupport, true),
+                    (PassthroughSupport, true),
+                    (DeviceMetadata, true),
+                ],
+            ),
+            ("AllAlpha=false", &[]),
+            ("AllAlpha=false,MPSSupport=true", &[(MPSSupport, true)]),
+            ("MPSSupport=true,AllAlpha=false", &[(MPSSupport, true)]),
+            ("AllAlpha=true,AllAlpha=false", &[]),
+            ("AllBeta=true", &[]),
+            (
+                "AllBeta=false",
+                &[
+                    (IMEXDaemonsWithDNSNames, false),
+                    (ComputeDomainCliques, false),
+                    (CrashOnNVLinkFabricErrors, false),
+                ],
+            ),
+            (
+                "CrashOnNVLinkFabricErrors=true,AllBeta=false",
+                &[
+                    (IMEXDaemonsWithDNSNames, false),
+                    (ComputeDomainCliques, false),
+                ],
+            ),
+            (
+                "AllBeta=false,AllAlpha=true,PassthroughSupport=false,NVMLDeviceHealthCheck=false,\
+                 MPSSupport=false,DeviceMetadata=false",
+                &[
+                    (IMEXDaemonsWithDNSNames, false),
+                    (ComputeDomainCliques, false),
+                    (CrashOnNVLinkFabricErrors, false),
+                    (TimeSlicingSettings, true),
+                    (DynamicMIG, true),
+                ],
             ),
         ];
         for (text, changes) in cases {
@@ -423,6 +550,64 @@ mod tests {
                  exclusive; enable at most one"
                     .into(),
             ),
+            (
+                "allalpha=true",
+                format!("unknown feature gate \"allalpha\"; known gates: {KNOWN}"),
+            ),
+            (
+                "AllAlpha=yes",
+                "invalid value \"yes\" for feature gate AllAlpha: expected true or false".into(),
+            ),
+            (
+                "ContextualLogging=on",
+                "invalid value \"on\" for feature gate ContextualLogging: expected true or \
+                 false"
+                    .into(),
+            ),
+            (
+                "LoggingBetaOptions",
+                "invalid feature gate entry \"LoggingBetaOptions\": expected Name=true or \
+                 Name=false"
+                    .into(),
+            ),
+            // Validation runs after expansion: every Alpha gate on includes exclusive pairs.
+            (
+                "AllAlpha=true",
+                "feature gates DynamicMIG and PassthroughSupport are mutually exclusive; \
+                 enable at most one"
+                    .into(),
+            ),
+            (
+                "AllAlpha=true,DynamicMIG=false",
+                "feature gates PassthroughSupport and NVMLDeviceHealthCheck are mutually \
+                 exclusive; enable at most one"
+                    .into(),
+            ),
+            (
+                "DynamicMIG=false,AllAlpha=true",
+                "feature gates PassthroughSupport and NVMLDeviceHealthCheck are mutually \
+                 exclusive; enable at most one"
+                    .into(),
+            ),
+            (
+                "AllBeta=false,ComputeDomainCliques=true",
+                "feature gate ComputeDomainCliques requires feature gate \
+                 IMEXDaemonsWithDNSNames to be enabled"
+                    .into(),
+            ),
+            (
+                "AllAlpha=true,PassthroughSupport=false,NVMLDeviceHealthCheck=false",
+                "feature gate DeviceMetadata requires feature gate PassthroughSupport to be \
+                 enabled"
+                    .into(),
+            ),
+            (
+                "AllAlpha=true,PassthroughSupport=false,NVMLDeviceHealthCheck=false,\
+                 DeviceMetadata=false",
+                "feature gates DynamicMIG and MPSSupport are mutually exclusive; enable at \
+                 most one"
+                    .into(),
+            ),
         ];
         for (text, want) in cases {
             let err = text.parse::<FeatureGates>().unwrap_err();
@@ -461,6 +646,18 @@ mod tests {
         let gates: FeatureGates = "MPSSupport=true,ComputeDomainCliques=false"
             .parse()
             .unwrap();
+        assert_eq!(gates.to_string().parse::<FeatureGates>().unwrap(), gates);
+        // Generic names never reach Display; only their effect on our gates does.
+        let gates: FeatureGates = "ContextualLogging=true,AllBeta=false,\
+                                   IMEXDaemonsWithDNSNames=true,DynamicMIG=true"
+            .parse()
+            .unwrap();
+        assert_eq!(
+            gates.to_string(),
+            "TimeSlicingSettings=false,MPSSupport=false,IMEXDaemonsWithDNSNames=true,\
+             PassthroughSupport=false,DynamicMIG=true,NVMLDeviceHealthCheck=false,\
+             ComputeDomainCliques=false,CrashOnNVLinkFabricErrors=false,DeviceMetadata=false"
+        );
         assert_eq!(gates.to_string().parse::<FeatureGates>().unwrap(), gates);
         assert_eq!(
             FeatureGates::default()
