@@ -33,11 +33,9 @@ use nvdra_api::names::drivers;
 use serde_json::{Map, Value};
 
 use crate::cdi::qualified_device_id;
-use crate::checkpoint::{
-    AllocatedDevice, ClaimEntry, ClaimState, DeviceInfo, PreparedDevice, PreparedGroup,
-};
+use crate::checkpoint::{ClaimEntry, ClaimState, DeviceInfo, PreparedDevice, PreparedGroup};
 use crate::devices::AllocatableDevice;
-use crate::driver::prepare::device_info;
+use crate::driver::prepare::{allocated_device, device_info};
 use crate::driver::{Adopted, GpuDriver};
 
 #[cfg(test)]
@@ -116,17 +114,7 @@ fn live_entry(
     if ours.is_empty() || ours.iter().any(|result| result.pool != node_name) {
         return None;
     }
-    let allocated = ours
-        .iter()
-        .map(|result| AllocatedDevice {
-            requests: vec![result.request.clone()],
-            pool: result.pool.clone(),
-            device: result.device.clone(),
-            share_id: result.share_id.clone(),
-            admin_access: result.admin_access.unwrap_or(false),
-            extra: Map::new(),
-        })
-        .collect();
+    let allocated = ours.iter().copied().map(allocated_device).collect();
     let prepared = ours
         .iter()
         .map(|result| PreparedDevice {

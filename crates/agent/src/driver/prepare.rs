@@ -305,7 +305,8 @@ fn plan(shared: &Shared, claim: &PrepareClaim) -> Result<ClaimPlan, PrepareError
     })
 }
 
-fn allocated_device(result: &DeviceRequestAllocationResult) -> AllocatedDevice {
+/// The checkpoint record of one allocation result (also used by the corruption rebuild).
+pub(crate) fn allocated_device(result: &DeviceRequestAllocationResult) -> AllocatedDevice {
     AllocatedDevice {
         requests: vec![result.request.clone()],
         pool: result.pool.clone(),

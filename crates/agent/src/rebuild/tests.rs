@@ -6,7 +6,7 @@ use nvdra_gpu::{FakeBackend, GpuBackend};
 use pretty_assertions::assert_eq;
 
 use super::*;
-use crate::checkpoint::{PreparedGpu, PreparedMig};
+use crate::checkpoint::{AllocatedDevice, PreparedGpu, PreparedMig};
 use crate::devices::allocatable_index;
 
 const NODE: &str = "node-a";

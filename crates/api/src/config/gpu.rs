@@ -26,7 +26,7 @@ pub struct GpuConfig {
 #[serde(rename_all = "camelCase")]
 pub struct GpuSharing {
     /// `TimeSlicing` or `MPS`.
-    #[serde(default = "empty_strategy")]
+    #[serde(default = "SharingStrategy::missing")]
     pub strategy: SharingStrategy,
     /// Settings for `TimeSlicing`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -34,11 +34,6 @@ pub struct GpuSharing {
     /// Settings for `MPS`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mps_config: Option<MpsConfig>,
-}
-
-/// Go decodes a missing `strategy` as the empty string, which validation then rejects.
-fn empty_strategy() -> SharingStrategy {
-    SharingStrategy::Unknown(String::new())
 }
 
 impl GpuSharing {

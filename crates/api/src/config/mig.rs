@@ -24,16 +24,11 @@ pub struct MigDeviceConfig {
 #[serde(rename_all = "camelCase")]
 pub struct MigDeviceSharing {
     /// `TimeSlicing` or `MPS`.
-    #[serde(default = "empty_strategy")]
+    #[serde(default = "SharingStrategy::missing")]
     pub strategy: SharingStrategy,
     /// Settings for `MPS`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mps_config: Option<MpsConfig>,
-}
-
-/// Go decodes a missing `strategy` as the empty string, which validation then rejects.
-fn empty_strategy() -> SharingStrategy {
-    SharingStrategy::Unknown(String::new())
 }
 
 impl MigDeviceSharing {

@@ -27,6 +27,12 @@ pub enum SharingStrategy {
 }
 
 impl SharingStrategy {
+    /// A missing `strategy`: Go decodes it as the empty string, which validation then
+    /// rejects, so nvdra does the same.
+    pub(crate) fn missing() -> Self {
+        Self::Unknown(String::new())
+    }
+
     /// The wire value.
     pub fn as_str(&self) -> &str {
         match self {
