@@ -12,6 +12,7 @@ import (
 	"runtime"
 	"slices"
 	"strconv"
+	"strings"
 	"syscall"
 	"time"
 )
@@ -36,6 +37,10 @@ type child struct {
 // keeps them running as one unit:
 //
 //	all [--log-dir DIR] [--pid-dir DIR] [--stop-timeout D] -- etcd ARGS -- apiserver ARGS ...
+//
+// A group "exec:NAME PROGRAM ARGS..." runs another program under NAME (its
+// log and PID file names): the simulated nodes' kubelet emulator and agent
+// get the same supervision as the control plane.
 //
 // Children start in the order given and stop in reverse order (so etcd
 // outlives the API server that writes to it). A child that exits is
@@ -167,11 +172,20 @@ func splitGroups(args []string) [][]string {
 	return groups
 }
 
-// startChild starts "self ARGS..." with output and PID file as configured;
-// the child is sent to exited once it has terminated.
+// startChild starts "self ARGS..." (or, for "exec:NAME PROGRAM ARGS...",
+// PROGRAM ARGS... under NAME) with output and PID file as configured; the
+// child is sent to exited once it has terminated.
 func startChild(self string, args []string, logDir, pidDir string, exited chan<- *child) (*child, error) {
 	c := &child{name: args[0], args: args, done: make(chan struct{})}
-	c.cmd = exec.Command(self, args...)
+	if name, ok := strings.CutPrefix(args[0], "exec:"); ok {
+		if name == "" || len(args) < 2 {
+			return nil, fmt.Errorf("%q needs a name and a program: exec:NAME PROGRAM ARGS", args[0])
+		}
+		c.name = name
+		c.cmd = exec.Command(args[1], args[2:]...)
+	} else {
+		c.cmd = exec.Command(self, args...)
+	}
 	c.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGTERM}
 	var out io.Writer = os.Stderr
 	var logFile *os.File
