@@ -15,17 +15,28 @@ use serde::Deserialize;
 
 use crate::Error;
 
-/// The part of a CDI spec that resolution needs; other fields are ignored.
+/// The part of a CDI spec that resolution and env injection need; other
+/// fields are ignored.
 #[derive(Debug, Deserialize)]
 struct SpecHead {
     kind: String,
     #[serde(default)]
     devices: Vec<DeviceHead>,
+    #[serde(default, rename = "containerEdits")]
+    container_edits: EditsHead,
 }
 
 #[derive(Debug, Deserialize)]
 struct DeviceHead {
     name: String,
+    #[serde(default, rename = "containerEdits")]
+    container_edits: EditsHead,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct EditsHead {
+    #[serde(default)]
+    env: Vec<String>,
 }
 
 /// Splits `vendor/class=name` into (`vendor/class`, `name`).
@@ -58,6 +69,43 @@ pub fn resolve(dir: &Path, ids: &[String]) -> Result<BTreeMap<String, PathBuf>, 
     }
     if unresolved.is_empty() {
         Ok(found)
+    } else {
+        Err(Error::UnresolvedCdiIds {
+            dir: dir.to_owned(),
+            ids: unresolved,
+        })
+    }
+}
+
+/// The `KEY=VALUE` env edits a container runtime would inject for `ids`:
+/// for each device in order, its spec's spec-level `containerEdits.env`
+/// (once per spec, the first time one of its devices appears), then the
+/// device's own. Later entries win when the caller applies them in order.
+pub fn env(dir: &Path, ids: &[String]) -> Result<Vec<String>, Error> {
+    let specs = load(dir)?;
+    let mut out = Vec::new();
+    let mut seen_specs = Vec::new();
+    let mut unresolved = Vec::new();
+    for id in ids {
+        let (kind, name) = parse_id(id)?;
+        let hit = specs.iter().enumerate().find_map(|(i, (_, spec))| {
+            (spec.kind == kind)
+                .then(|| spec.devices.iter().find(|d| d.name == name))
+                .flatten()
+                .map(|device| (i, spec, device))
+        });
+        let Some((i, spec, device)) = hit else {
+            unresolved.push(id.clone());
+            continue;
+        };
+        if !seen_specs.contains(&i) {
+            seen_specs.push(i);
+            out.extend(spec.container_edits.env.iter().cloned());
+        }
+        out.extend(device.container_edits.env.iter().cloned());
+    }
+    if unresolved.is_empty() {
+        Ok(out)
     } else {
         Err(Error::UnresolvedCdiIds {
             dir: dir.to_owned(),
@@ -168,6 +216,48 @@ mod tests {
                     .map(|(id, file)| (id.to_owned(), d.join(file)))
                     .collect::<BTreeMap<_, _>>()
             });
+            assert_eq!(got, want, "ids {given:?}");
+        }
+    }
+
+    #[test]
+    fn env_takes_spec_edits_once_then_device_edits_in_id_order() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("claim.yaml"),
+            "cdiVersion: 0.6.0\nkind: k8s.gpu.nvidia.com/claim\ncontainerEdits:\n  env:\n  - SPEC=1\ndevices:\n- name: a\n  containerEdits:\n    env: [NVIDIA_VISIBLE_DEVICES=0, A=x]\n- name: b\n  containerEdits:\n    env: [NVIDIA_VISIBLE_DEVICES=1]\n- name: c\n",
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("common.json"), JSON).unwrap();
+        // (ids, the env or the exact error)
+        type Case<'a> = (&'a [&'a str], Result<&'a [&'a str], String>);
+        let cases: &[Case<'_>] = &[
+            (&[], Ok(&[])),
+            (
+                &[
+                    "k8s.gpu.nvidia.com/claim=b",
+                    "nvidia.com/gpu=all",
+                    "k8s.gpu.nvidia.com/claim=a",
+                ],
+                Ok(&[
+                    "SPEC=1",
+                    "NVIDIA_VISIBLE_DEVICES=1",
+                    "NVIDIA_VISIBLE_DEVICES=0",
+                    "A=x",
+                ]),
+            ),
+            (&["k8s.gpu.nvidia.com/claim=c"], Ok(&["SPEC=1"])),
+            (
+                &["k8s.gpu.nvidia.com/claim=zz"],
+                Err(format!(
+                    "CDI device IDs resolve to no device in {}: k8s.gpu.nvidia.com/claim=zz",
+                    dir.path().display()
+                )),
+            ),
+        ];
+        for (given, want) in cases {
+            let got = env(dir.path(), &ids(given)).map_err(|e| e.to_string());
+            let want = want.clone().map(ids);
             assert_eq!(got, want, "ids {given:?}");
         }
     }

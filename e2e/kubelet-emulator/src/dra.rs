@@ -16,6 +16,19 @@ use tonic::transport::Channel;
 use crate::Error;
 use crate::registry::{DraVersion, GET_INFO_TIMEOUT, RegisteredPlugin, call, connect};
 
+/// One device of a prepared claim, as the plugin reported it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PreparedDevice {
+    /// The claim requests the device serves; empty means all of them.
+    pub request_names: Vec<String>,
+    /// The pool holding the device.
+    pub pool: String,
+    /// The device's name in the pool.
+    pub device: String,
+    /// Fully qualified CDI device IDs for the device.
+    pub cdi_device_ids: Vec<String>,
+}
+
 /// The kubelet's `defaultClientCallTimeout`.
 pub const CALL_TIMEOUT: Duration = Duration::from_secs(45);
 
@@ -23,12 +36,15 @@ pub const CALL_TIMEOUT: Duration = Duration::from_secs(45);
 /// the plugin's error text.
 pub type ClaimOutcome<T> = Result<T, String>;
 
+#[derive(Clone)]
 enum Client {
     V1(dra_v1::dra_plugin_client::DraPluginClient<Channel>),
     V1beta1(dra_v1beta1::dra_plugin_client::DraPluginClient<Channel>),
 }
 
-/// A connection to one registered plugin's DRA socket.
+/// A connection to one registered plugin's DRA socket; clones share the
+/// connection, so concurrent pods call the plugin concurrently.
+#[derive(Clone)]
 pub struct DraClient {
     endpoint: PathBuf,
     client: Client,
@@ -55,8 +71,25 @@ impl DraClient {
         &mut self,
         claims: &[ClaimRef],
     ) -> Result<BTreeMap<String, ClaimOutcome<Vec<String>>>, Error> {
+        Ok(self
+            .prepare_devices(claims)
+            .await?
+            .into_iter()
+            .map(|(uid, outcome)| {
+                let ids = outcome
+                    .map(|devices| devices.into_iter().flat_map(|d| d.cdi_device_ids).collect());
+                (uid, ids)
+            })
+            .collect())
+    }
+
+    /// `NodePrepareResources`: per claim UID, the devices the plugin prepared.
+    pub async fn prepare_devices(
+        &mut self,
+        claims: &[ClaimRef],
+    ) -> Result<BTreeMap<String, ClaimOutcome<Vec<PreparedDevice>>>, Error> {
         const METHOD: &str = "NodePrepareResources";
-        let mut answers: BTreeMap<String, (String, Vec<String>)> = match &mut self.client {
+        let mut answers: BTreeMap<String, (String, Vec<PreparedDevice>)> = match &mut self.client {
             Client::V1(c) => {
                 let request = dra_v1::NodePrepareResourcesRequest {
                     claims: claims.iter().map(v1_claim).collect(),
@@ -71,12 +104,17 @@ impl DraClient {
                 .claims
                 .into_iter()
                 .map(|(uid, r)| {
-                    let ids = r
+                    let devices = r
                         .devices
                         .into_iter()
-                        .flat_map(|d| d.cdi_device_ids)
+                        .map(|d| PreparedDevice {
+                            request_names: d.request_names,
+                            pool: d.pool_name,
+                            device: d.device_name,
+                            cdi_device_ids: d.cdi_device_ids,
+                        })
                         .collect();
-                    (uid, (r.error, ids))
+                    (uid, (r.error, devices))
                 })
                 .collect()
             }
@@ -94,12 +132,17 @@ impl DraClient {
                 .claims
                 .into_iter()
                 .map(|(uid, r)| {
-                    let ids = r
+                    let devices = r
                         .devices
                         .into_iter()
-                        .flat_map(|d| d.cdi_device_ids)
+                        .map(|d| PreparedDevice {
+                            request_names: d.request_names,
+                            pool: d.pool_name,
+                            device: d.device_name,
+                            cdi_device_ids: d.cdi_device_ids,
+                        })
                         .collect();
-                    (uid, (r.error, ids))
+                    (uid, (r.error, devices))
                 })
                 .collect()
             }
@@ -110,7 +153,7 @@ impl DraClient {
                 let outcome = match answers.remove(&claim.uid) {
                     None => Err(missing(claim)),
                     Some((error, _)) if !error.is_empty() => Err(error),
-                    Some((_, ids)) => Ok(ids),
+                    Some((_, devices)) => Ok(devices),
                 };
                 (claim.uid.clone(), outcome)
             })

@@ -102,4 +102,112 @@ pub enum Error {
         /// The IDs that resolved to nothing, in the order given.
         ids: Vec<String>,
     },
+    /// Reading or interpreting the kubeconfig failed.
+    #[error("load kubeconfig {}", path.display())]
+    LoadKubeconfig {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: kube::config::KubeconfigError,
+    },
+    /// Building the API client from the kubeconfig failed.
+    #[error("build API client")]
+    BuildClient(#[source] kube::Error),
+    /// Creating, reading or patching this node's Node object failed.
+    #[error("{action} Node {node}{hint}")]
+    Node {
+        /// What was attempted, e.g. `patch labels of`.
+        action: &'static str,
+        /// The node.
+        node: String,
+        /// Advice for the errors NodeRestriction causes; empty otherwise.
+        hint: &'static str,
+        /// Why.
+        #[source]
+        source: kube::Error,
+    },
+    /// Creating or renewing the node's Lease failed.
+    #[error("renew Lease kube-node-lease/{node}")]
+    RenewLease {
+        /// The node.
+        node: String,
+        /// Why.
+        #[source]
+        source: kube::Error,
+    },
+    /// Deleting this node's ResourceSlices at start failed.
+    #[error("delete ResourceSlices of node {node}")]
+    DeleteSlices {
+        /// The node.
+        node: String,
+        /// Why.
+        #[source]
+        source: kube::Error,
+    },
+    /// Reading a ResourceClaim failed.
+    #[error("get ResourceClaim {namespace}/{name}")]
+    GetClaim {
+        /// Its namespace.
+        namespace: String,
+        /// Its name.
+        name: String,
+        /// Why.
+        #[source]
+        source: kube::Error,
+    },
+    /// Writing a pod's status failed.
+    #[error("patch status of Pod {namespace}/{name}")]
+    PatchPodStatus {
+        /// Its namespace.
+        namespace: String,
+        /// Its name.
+        name: String,
+        /// Why.
+        #[source]
+        source: kube::Error,
+    },
+    /// The final delete of a terminated pod failed.
+    #[error("delete Pod {namespace}/{name}")]
+    DeletePod {
+        /// Its namespace.
+        namespace: String,
+        /// Its name.
+        name: String,
+        /// Why.
+        #[source]
+        source: kube::Error,
+    },
+    /// Recording an Event failed.
+    #[error("create Event for Pod {namespace}/{name}")]
+    CreateEvent {
+        /// The pod's namespace.
+        namespace: String,
+        /// The pod's name.
+        name: String,
+        /// Why.
+        #[source]
+        source: kube::Error,
+    },
+    /// Creating a directory under the node root failed.
+    #[error("create dir {}", path.display())]
+    CreateDir {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Writing or removing a file under the node root failed.
+    #[error("write {}", path.display())]
+    WriteFile {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Installing a signal handler failed.
+    #[error("install signal handler")]
+    Signal(#[source] std::io::Error),
 }

@@ -1,18 +1,29 @@
-//! The plugin-facing half of a kubelet, for local e2e clusters.
+//! A kubelet emulator for local e2e clusters.
 //!
-//! A simulated node uses [`registry`] to find DRA plugins in its
-//! `plugins_registry` directory and register them the way the kubelet does,
-//! [`dra::DraClient`] to prepare and unprepare claims over the version chosen
-//! at registration, and [`cdi`] to check that every CDI device ID a plugin
-//! returns resolves to a device in the node's CDI spec files.
+//! One process plays the kubelet of one simulated node against a real API
+//! server: [`node`] registers the Node and heartbeats it, [`registry`] and
+//! [`plugins`] find and register DRA plugins in the node's
+//! `plugins_registry` directory, [`pods`] runs each bound pod's lifecycle
+//! (claims via [`claims`], [`dra::DraClient`] prepare/unprepare, CDI checks
+//! via [`cdi`], local processes via [`container`], status via
+//! [`podstatus`], events via [`events`]), and [`run`] ties them together.
 //!
-//! Everything here is a client: the plugin under test owns its sockets and
-//! spec files; the emulator only reads them.
+//! Everything plugin-facing is a client: the plugin under test owns its
+//! sockets and spec files; the emulator only reads them.
 
+pub mod args;
 pub mod cdi;
+pub mod claims;
+pub mod container;
 pub mod dra;
 pub mod error;
+pub mod events;
+pub mod node;
+pub mod plugins;
+pub mod pods;
+pub mod podstatus;
 pub mod registry;
+pub mod run;
 
 pub use error::Error;
 pub use nvdra_kubelet_plugin::ClaimRef;
