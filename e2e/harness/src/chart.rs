@@ -1,0 +1,216 @@
+//! Installing `charts/nvdra` into a local cluster the way the simulated
+//! nodes need it.
+//!
+//! The chart is rendered by helm itself (`helm template`), so a template
+//! error, a failed guard or an object the API server rejects fails here as it
+//! would for a user. Everything it renders is applied except its workloads:
+//! the agent DaemonSet's pods would need a container runtime, so each
+//! simulated node runs the agent as a local process instead, with the
+//! DaemonSet's service account as its identity. That identity is read from
+//! the rendered DaemonSet, so a permission the chart forgets fails the e2e
+//! suite with a 403 instead of passing on an admin credential.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+
+use crate::controlplane::ControlPlane;
+use crate::tools::repo_root;
+
+/// Workload kinds a local cluster runs as processes instead of pods.
+const WORKLOAD_KINDS: &[&str] = &["DaemonSet", "Deployment"];
+
+/// The parts of a rendered chart a local cluster uses.
+#[derive(Debug, Clone)]
+pub struct Rendered {
+    /// Objects to apply (CRDs first, then everything else but workloads).
+    pub objects: Vec<Value>,
+    /// Namespace and name of the service account the agent DaemonSet runs as.
+    pub agent_service_account: (String, String),
+}
+
+/// Renders the chart as release `release` in `namespace` with `--set`
+/// values, for an API server of `kube_version` (as `helm install` would
+/// see it).
+pub fn render(
+    helm: &Path,
+    release: &str,
+    namespace: &str,
+    kube_version: &str,
+    sets: &[&str],
+) -> Result<Rendered> {
+    let chart = repo_root().join("charts/nvdra");
+    let mut cmd = Command::new(helm);
+    cmd.args(["template", release])
+        .arg(&chart)
+        .args(["--namespace", namespace, "--include-crds"])
+        .args(["--kube-version", kube_version]);
+    for set in sets {
+        cmd.args(["--set", set]);
+    }
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .context("run helm template")?;
+    if !out.status.success() {
+        bail!(
+            "helm template {} failed: {}",
+            chart.display(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let text = String::from_utf8(out.stdout).context("helm printed non-UTF-8 output")?;
+    parse(&text, namespace)
+}
+
+/// Splits helm's output into objects and finds the agent's identity.
+pub fn parse(text: &str, namespace: &str) -> Result<Rendered> {
+    let docs: Vec<Option<Value>> =
+        serde_saphyr::from_str_multiple(text).context("parse helm's output as YAML")?;
+    let mut crds = Vec::new();
+    let mut objects = Vec::new();
+    let mut agent_service_account = None;
+    for doc in docs.into_iter().flatten() {
+        if doc.is_null() {
+            continue;
+        }
+        let kind = doc["kind"].as_str().unwrap_or_default().to_owned();
+        if kind == "DaemonSet" {
+            let spec = &doc["spec"]["template"]["spec"];
+            let sa = spec["serviceAccountName"]
+                .as_str()
+                .context("the chart's DaemonSet names no serviceAccountName")?;
+            let ns = doc["metadata"]["namespace"].as_str().unwrap_or(namespace);
+            agent_service_account = Some((ns.to_owned(), sa.to_owned()));
+        }
+        if kind == "CustomResourceDefinition" {
+            crds.push(doc);
+        } else if !WORKLOAD_KINDS.contains(&kind.as_str()) {
+            objects.push(doc);
+        }
+    }
+    crds.extend(objects);
+    Ok(Rendered {
+        objects: crds,
+        agent_service_account: agent_service_account
+            .context("the chart rendered no agent DaemonSet")?,
+    })
+}
+
+/// Applies the rendered objects (server-side, as the chart's field manager)
+/// and waits for the CRDs to be established.
+pub fn apply(cp: &ControlPlane, rendered: &Rendered, namespace: &str) -> Result<()> {
+    let ns = serde_json::json!({
+        "apiVersion": "v1", "kind": "Namespace", "metadata": { "name": namespace },
+    });
+    let list = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "List",
+        "items": std::iter::once(ns).chain(rendered.objects.iter().cloned()).collect::<Vec<_>>(),
+    });
+    cp.kubectl(
+        &["apply", "--server-side", "--field-manager=helm", "-f", "-"],
+        Some(&list.to_string()),
+    )
+    .context("apply the rendered chart")?;
+    cp.kubectl(
+        &[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "crd",
+            "--all",
+        ],
+        None,
+    )
+    .context("wait for the chart's CRDs")?;
+    Ok(())
+}
+
+/// Writes a kubeconfig for `namespace/service_account` (a bound token from
+/// the TokenRequest API, valid for `hours`) next to the admin's, with the
+/// admin's server and CA. Returns its path.
+pub fn service_account_kubeconfig(
+    cp: &ControlPlane,
+    (namespace, service_account): &(String, String),
+    hours: u32,
+    out: &Path,
+) -> Result<PathBuf> {
+    let token = cp
+        .kubectl(
+            &[
+                "create",
+                "token",
+                service_account,
+                "--namespace",
+                namespace,
+                &format!("--duration={hours}h"),
+            ],
+            None,
+        )
+        .with_context(|| format!("request a token for {namespace}/{service_account}"))?;
+    let admin = kube::config::Kubeconfig::read_from(cp.admin_kubeconfig())
+        .context("read the admin kubeconfig")?;
+    let cluster = admin
+        .clusters
+        .first()
+        .and_then(|c| c.cluster.clone())
+        .context("the admin kubeconfig has no cluster")?;
+    let user = format!("system:serviceaccount:{namespace}:{service_account}");
+    let config = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{ "name": "local", "cluster": cluster }],
+        "users": [{ "name": user, "user": { "token": token.trim() } }],
+        "contexts": [{ "name": "local", "context": { "cluster": "local", "user": user } }],
+        "current-context": "local",
+    });
+    std::fs::write(out, serde_json::to_vec_pretty(&config)?)
+        .with_context(|| format!("write {}", out.display()))?;
+    Ok(out.to_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_keeps_crds_first_drops_workloads_and_finds_the_agent_identity() {
+        let text = "\
+---
+# Source: nvdra/templates/sa.yaml
+apiVersion: v1
+kind: ServiceAccount
+metadata: { name: sa-kubeletplugin, namespace: nvdra }
+---
+apiVersion: apps/v1
+kind: DaemonSet
+metadata: { name: agent, namespace: nvdra }
+spec: { template: { spec: { serviceAccountName: sa-kubeletplugin } } }
+---
+apiVersion: apiextensions.k8s.io/v1
+kind: CustomResourceDefinition
+metadata: { name: computedomains.resource.nvidia.com }
+---
+";
+        let rendered = parse(text, "other").unwrap();
+        let kinds: Vec<_> = rendered
+            .objects
+            .iter()
+            .map(|o| o["kind"].as_str().unwrap())
+            .collect();
+        assert_eq!(kinds, ["CustomResourceDefinition", "ServiceAccount"]);
+        assert_eq!(
+            rendered.agent_service_account,
+            ("nvdra".to_owned(), "sa-kubeletplugin".to_owned())
+        );
+    }
+
+    #[test]
+    fn parse_refuses_a_chart_without_the_agent() {
+        let err = parse("kind: ServiceAccount\nmetadata: { name: x }\n", "nvdra").unwrap_err();
+        assert_eq!(err.to_string(), "the chart rendered no agent DaemonSet");
+    }
+}

@@ -1,0 +1,303 @@
+//! A whole local cluster: control plane, chart, simulated nodes.
+//!
+//! [`Cluster::up`] brings everything up in one run directory and records
+//! what it started in `local-cluster.json`, so [`Cluster::down`] (possibly
+//! from another process) stops exactly that. Up is all-or-nothing: when any
+//! step fails, whatever was started is stopped before the error returns.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::api::resource::v1::ResourceSlice;
+use kube::Api;
+use kube::api::ListParams;
+use serde::{Deserialize, Serialize};
+
+use crate::chart;
+use crate::controlplane::ControlPlane;
+use crate::node::{self, NodeDirs, NodeLaunch, NodeSpec};
+use crate::tools::Tools;
+use crate::wait;
+
+/// The namespace the chart is installed into.
+pub const NAMESPACE: &str = "nvdra";
+/// The Helm release name.
+pub const RELEASE: &str = "nvdra";
+/// The GPU driver name.
+pub const GPU_DRIVER: &str = nvdra_api::names::drivers::GPU;
+
+/// What to start.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClusterSpec {
+    /// The simulated nodes.
+    pub nodes: Vec<NodeSpec>,
+    /// Extra `--set` values for the chart.
+    #[serde(default)]
+    pub chart_sets: Vec<String>,
+    /// Extra flags for every agent.
+    #[serde(default)]
+    pub agent_extra: Vec<String>,
+}
+
+impl ClusterSpec {
+    /// The default local cluster: four nodes of different GPU generations.
+    pub fn demo() -> Self {
+        let nodes = [
+            ("h100-0", "h100-sxm-80gb-x8"),
+            ("a100-0", "a100-40gb-x8-mig"),
+            ("gb200-0", "gb200-x4"),
+            ("l4-0", "l4-x2"),
+        ]
+        .into_iter()
+        .map(|(name, profile)| NodeSpec {
+            name: name.into(),
+            profile: profile.into(),
+        })
+        .collect();
+        Self {
+            nodes,
+            chart_sets: Vec::new(),
+            agent_extra: Vec::new(),
+        }
+    }
+}
+
+/// What `local-cluster.json` records.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct State {
+    spec: ClusterSpec,
+    controlplane: PathBuf,
+    agent_ports: Vec<u16>,
+}
+
+/// A running cluster.
+#[derive(Debug, Clone)]
+pub struct Cluster {
+    /// The run directory.
+    pub dir: PathBuf,
+    /// The control plane.
+    pub cp: ControlPlane,
+    /// What was started.
+    pub spec: ClusterSpec,
+    /// Each node's agent HTTP port, in `spec.nodes` order.
+    pub agent_ports: Vec<u16>,
+    /// Programs.
+    pub tools: Tools,
+}
+
+impl Cluster {
+    /// Starts a cluster in `dir` (absent or empty) and waits until every
+    /// node is Ready and has published its GPUs.
+    pub async fn up(tools: Tools, dir: &Path, spec: ClusterSpec) -> Result<Self> {
+        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+        let dir = dir
+            .canonicalize()
+            .with_context(|| format!("resolve {}", dir.display()))?;
+        let names: Vec<String> = spec.nodes.iter().map(|n| n.name.clone()).collect();
+        // Every controller on: the emulators heartbeat, so the node
+        // lifecycle controller sees Ready nodes as a real cluster's would.
+        let cp = ControlPlane::up(&tools.controlplane, &dir, &names, "*")?;
+        let cluster = Self {
+            agent_ports: Vec::new(),
+            dir: dir.clone(),
+            cp,
+            spec,
+            tools,
+        };
+        match cluster.start_rest().await {
+            Ok(cluster) => Ok(cluster),
+            Err(err) => {
+                if let Err(stop) = Self::down(&dir) {
+                    tracing::error!(error = %format!("{stop:#}"), "stopping the failed cluster");
+                }
+                Err(err)
+            }
+        }
+    }
+
+    async fn start_rest(mut self) -> Result<Self> {
+        let client = self.cp.admin_client().await?;
+        let version = client
+            .apiserver_version()
+            .await
+            .context("read the API server's version")?;
+        // No classic device plugin runs here, so the chart's guard against
+        // two owners of nvidia.com/gpu does not apply.
+        let sets: Vec<&str> = std::iter::once("gpuResourcesEnabledOverride=true")
+            .chain(self.spec.chart_sets.iter().map(String::as_str))
+            .collect();
+        let rendered = chart::render(
+            &self.tools.helm,
+            RELEASE,
+            NAMESPACE,
+            &version.git_version,
+            &sets,
+        )?;
+        chart::apply(&self.cp, &rendered, NAMESPACE)?;
+        let identities = self.dir.join("identities");
+        std::fs::create_dir_all(&identities)?;
+        let agent_kubeconfig = chart::service_account_kubeconfig(
+            &self.cp,
+            &rendered.agent_service_account,
+            48,
+            &identities.join("agent.kubeconfig"),
+        )?;
+        self.agent_ports = self.cp.free_ports(self.spec.nodes.len())?;
+        self.save()?;
+        for (spec, port) in self.spec.nodes.iter().zip(&self.agent_ports) {
+            let dirs = NodeDirs::new(&self.dir, &spec.name);
+            node::start(
+                &self.tools,
+                &NodeLaunch {
+                    spec,
+                    dirs: &dirs,
+                    node_kubeconfig: &self.cp.node_kubeconfig(&spec.name),
+                    agent_kubeconfig: &agent_kubeconfig,
+                    agent_http_port: *port,
+                    agent_extra: &self.spec.agent_extra,
+                },
+            )?;
+        }
+        self.wait_nodes_published(&client, Duration::from_secs(120))
+            .await?;
+        Ok(self)
+    }
+
+    /// Reattaches to the cluster recorded in `dir`.
+    pub fn open(tools: Tools, dir: &Path) -> Result<Self> {
+        let state = load(dir)?;
+        Ok(Self {
+            cp: ControlPlane::existing(&state.controlplane, dir),
+            dir: dir.to_owned(),
+            spec: state.spec,
+            agent_ports: state.agent_ports,
+            tools,
+        })
+    }
+
+    /// Stops the nodes, then the control plane, of the cluster in `dir`.
+    /// Succeeds when nothing is running there.
+    pub fn down(dir: &Path) -> Result<()> {
+        let mut first_err = None;
+        if let Ok(state) = load(dir) {
+            for n in &state.spec.nodes {
+                if let Err(err) = node::stop(&NodeDirs::new(dir, &n.name), Duration::from_secs(40))
+                {
+                    first_err.get_or_insert(err);
+                }
+            }
+        }
+        if let Err(err) = ControlPlane::down(dir) {
+            first_err.get_or_insert(err);
+        }
+        match first_err {
+            Some(err) => Err(err),
+            None => Ok(()),
+        }
+    }
+
+    /// The directories of `node`.
+    pub fn node_dirs(&self, node: &str) -> NodeDirs {
+        NodeDirs::new(&self.dir, node)
+    }
+
+    /// A cluster-admin client.
+    pub async fn client(&self) -> Result<kube::Client> {
+        self.cp.admin_client().await
+    }
+
+    /// The node spec named `name`.
+    pub fn node(&self, name: &str) -> Result<&NodeSpec> {
+        self.spec
+            .nodes
+            .iter()
+            .find(|n| n.name == name)
+            .with_context(|| format!("no node {name} in this cluster"))
+    }
+
+    /// Waits until every node is Ready and its agent's GPU slices cover the
+    /// whole pool.
+    pub async fn wait_nodes_published(
+        &self,
+        client: &kube::Client,
+        timeout: Duration,
+    ) -> Result<()> {
+        let nodes: Api<Node> = Api::all(client.clone());
+        let slices: Api<ResourceSlice> = Api::all(client.clone());
+        for spec in &self.spec.nodes {
+            let name = spec.name.clone();
+            wait::until(timeout, &format!("node {name} Ready"), || async {
+                let node = nodes.get_opt(&name).await?;
+                Ok(node.is_some_and(|n| is_ready(&n)))
+            })
+            .await?;
+            wait::until(
+                timeout,
+                &format!("ResourceSlices of node {name}"),
+                || async {
+                    let list = slices
+                        .list(&ListParams::default().fields(&format!("spec.nodeName={name}")))
+                        .await?;
+                    Ok(pool_complete(&list.items, GPU_DRIVER))
+                },
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    fn save(&self) -> Result<()> {
+        let state = State {
+            spec: self.spec.clone(),
+            controlplane: self.cp.bin.clone(),
+            agent_ports: self.agent_ports.clone(),
+        };
+        let path = self.dir.join("local-cluster.json");
+        std::fs::write(&path, serde_json::to_vec_pretty(&state)?)
+            .with_context(|| format!("write {}", path.display()))
+    }
+}
+
+fn load(dir: &Path) -> Result<State> {
+    let path = dir.join("local-cluster.json");
+    let text = std::fs::read(&path).with_context(|| format!("read {}", path.display()))?;
+    serde_json::from_slice(&text).with_context(|| format!("parse {}", path.display()))
+}
+
+/// Whether the Node's Ready condition is True.
+pub fn is_ready(node: &Node) -> bool {
+    node.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
+}
+
+/// Whether `slices` hold a complete pool of `driver`: at least one slice,
+/// all of its newest generation, as many as that generation announces.
+pub fn pool_complete(slices: &[ResourceSlice], driver: &str) -> bool {
+    let ours: Vec<_> = slices.iter().filter(|s| s.spec.driver == driver).collect();
+    let Some(generation) = ours.iter().map(|s| s.spec.pool.generation).max() else {
+        return false;
+    };
+    let current: Vec<_> = ours
+        .iter()
+        .filter(|s| s.spec.pool.generation == generation)
+        .collect();
+    current.first().is_some_and(|s| {
+        usize::try_from(s.spec.pool.resource_slice_count).ok() == Some(current.len())
+    })
+}
+
+/// Fails unless `dir` holds no running cluster processes; for callers that
+/// must not start a second cluster on top of a first.
+pub fn ensure_stopped(dir: &Path) -> Result<()> {
+    if dir.join("pids/all.pid").exists() {
+        bail!(
+            "a cluster is running in {} (pids/all.pid exists); stop it first",
+            dir.display()
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,411 @@
+//! Simulated GPU nodes: a kubelet emulator and an `nvdra-agent` on the fake
+//! backend, per node, under one supervisor.
+//!
+//! Each node gets its own directory: `root/` is what would be the node's
+//! filesystem (`plugins_registry/`, `plugins/`, `cdi/`, `pods/`),
+//! `logs/` and `pids/` belong to the supervisor (`nvdra-controlplane all`,
+//! started with setsid), `boot_id` stands for the kernel's boot ID. The
+//! supervisor restarts a process that dies (an agent killed by a test comes
+//! back like a DaemonSet pod) and takes both down with it, even when it is
+//! killed itself, so nothing outlives a cluster.
+//!
+//! Node labels are derived from the node's GPU profile the way GPU feature
+//! discovery and NFD would label a real node, so DaemonSet affinities and
+//! users' node selectors behave as on real hardware.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use nvdra_gpu::{FakeBackend, GpuBackend, Inventory};
+use serde::{Deserialize, Serialize};
+
+use crate::tools::{Tools, repo_root};
+
+/// One simulated node: a name and the fake GPU profile its agent serves.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeSpec {
+    /// Node name (also the agent's ResourceSlice pool).
+    pub name: String,
+    /// A built-in fake profile name or the path of a profile file.
+    pub profile: String,
+}
+
+impl NodeSpec {
+    /// Parses `NAME=PROFILE`.
+    pub fn parse(raw: &str) -> Result<Self> {
+        let (name, profile) = raw
+            .split_once('=')
+            .filter(|(n, p)| !n.is_empty() && !p.is_empty())
+            .with_context(|| {
+                format!("{raw:?} is not NAME=PROFILE (e.g. h100-0=h100-sxm-80gb-x8)")
+            })?;
+        Ok(Self {
+            name: name.to_owned(),
+            profile: profile.to_owned(),
+        })
+    }
+
+    /// The inventory the node's agent will see.
+    pub fn inventory(&self) -> Result<Inventory> {
+        let backend = match FakeBackend::builtin(&self.profile) {
+            Some(loaded) => loaded,
+            None => FakeBackend::from_file(&self.profile),
+        }
+        .with_context(|| format!("load GPU profile {:?} of node {}", self.profile, self.name))?;
+        backend
+            .inventory()
+            .with_context(|| format!("inventory of profile {:?}", self.profile))
+    }
+}
+
+/// GFD/NFD-style labels for a node with `inventory`.
+pub fn labels(inventory: &Inventory) -> BTreeMap<String, String> {
+    let mut labels = BTreeMap::new();
+    let mut put = |k: &str, v: String| {
+        labels.insert(k.to_owned(), v);
+    };
+    put("feature.node.kubernetes.io/pci-10de.present", "true".into());
+    put("nvidia.com/gpu.present", "true".into());
+    put("nvidia.com/gpu.count", inventory.gpus.len().to_string());
+    put(
+        "nvidia.com/cuda.driver-version.full",
+        inventory.driver.driver_version.clone(),
+    );
+    if let Some(first) = inventory.gpus.first() {
+        put(
+            "nvidia.com/gpu.product",
+            first.info.product_name.replace(' ', "-"),
+        );
+        if let Some(bytes) = first.info.memory_bytes {
+            put("nvidia.com/gpu.memory", (bytes >> 20).to_string());
+        }
+        put("nvidia.com/mig.capable", first.info.mig_capable.to_string());
+        if let Some(clique) = first.fabric.as_ref().and_then(|f| f.clique_id()) {
+            put("nvidia.com/gpu.clique", clique);
+        }
+    }
+    labels
+}
+
+/// Paths of one node's directory.
+#[derive(Debug, Clone)]
+pub struct NodeDirs {
+    /// The node's directory.
+    pub dir: PathBuf,
+}
+
+impl NodeDirs {
+    /// The directory of `node` under a cluster's run directory.
+    pub fn new(run_dir: &Path, node: &str) -> Self {
+        Self {
+            dir: run_dir.join("nodes").join(node),
+        }
+    }
+    /// The node's simulated root filesystem.
+    pub fn root(&self) -> PathBuf {
+        self.dir.join("root")
+    }
+    /// Where the agent writes CDI specs (its `CDI_ROOT`).
+    pub fn cdi(&self) -> PathBuf {
+        self.root().join("cdi")
+    }
+    /// Kubelet plugin directories' parent.
+    pub fn plugins(&self) -> PathBuf {
+        self.root().join("plugins")
+    }
+    /// Plugin registration sockets.
+    pub fn registry(&self) -> PathBuf {
+        self.root().join("plugins_registry")
+    }
+    /// Per-pod records of the kubelet emulator.
+    pub fn pod(&self, uid: &str) -> PathBuf {
+        self.root().join("pods").join(uid)
+    }
+    /// Supervisor PID files.
+    pub fn pids(&self) -> PathBuf {
+        self.dir.join("pids")
+    }
+    /// Process logs (`kubelet.log`, `agent.log`, `all.log`).
+    pub fn logs(&self) -> PathBuf {
+        self.dir.join("logs")
+    }
+}
+
+/// Everything a node's processes are started with.
+#[derive(Debug, Clone)]
+pub struct NodeLaunch<'a> {
+    /// The node.
+    pub spec: &'a NodeSpec,
+    /// Its directories.
+    pub dirs: &'a NodeDirs,
+    /// The node's kubelet identity.
+    pub node_kubeconfig: &'a Path,
+    /// The agent's identity (the chart's service account).
+    pub agent_kubeconfig: &'a Path,
+    /// The agent's `/metrics` `/livez` `/readyz` port.
+    pub agent_http_port: u16,
+    /// Extra agent flags (e.g. `--feature-gates=...`).
+    pub agent_extra: &'a [String],
+}
+
+/// Starts a node's supervisor; returns once it has written its PID file.
+pub fn start(tools: &Tools, launch: &NodeLaunch<'_>) -> Result<()> {
+    let dirs = launch.dirs;
+    for dir in [
+        dirs.registry(),
+        dirs.plugins(),
+        dirs.cdi(),
+        dirs.root().join("pods"),
+        dirs.pids(),
+        dirs.logs(),
+    ] {
+        std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
+    }
+    let boot_id = dirs.dir.join("boot_id");
+    if !boot_id.exists() {
+        std::fs::write(&boot_id, format!("{}\n", pseudo_uuid(&launch.spec.name)))
+            .with_context(|| format!("write {}", boot_id.display()))?;
+    }
+    let inventory = launch.spec.inventory()?;
+    let driver_root = repo_root().join("crates/gpu/profiles/driver-root");
+
+    let mut emulator: Vec<String> = vec![
+        "exec:kubelet".into(),
+        path(&tools.emulator),
+        format!("--kubeconfig={}", launch.node_kubeconfig.display()),
+        format!("--node-name={}", launch.spec.name),
+        format!("--root-dir={}", dirs.root().display()),
+    ];
+    for (k, v) in labels(&inventory) {
+        emulator.push(format!("--label={k}={v}"));
+    }
+    let mut agent: Vec<String> = vec![
+        "exec:agent".into(),
+        path(&tools.agent),
+        format!("--node-name={}", launch.spec.name),
+        "--device-backend=fake".into(),
+        format!("--fake-profile={}", launch.spec.profile),
+        format!("--kubeconfig={}", launch.agent_kubeconfig.display()),
+        format!("--nvidia-driver-root={}", driver_root.display()),
+        format!("--container-driver-root={}", driver_root.display()),
+        format!(
+            "--kubelet-registrar-directory-path={}",
+            dirs.registry().display()
+        ),
+        format!(
+            "--kubelet-plugins-directory-path={}",
+            dirs.plugins().display()
+        ),
+        format!("--cdi-root={}", dirs.cdi().display()),
+        format!("--http-endpoint=127.0.0.1:{}", launch.agent_http_port),
+        format!("--boot-id-path={}", boot_id.display()),
+    ];
+    agent.extend(launch.agent_extra.iter().cloned());
+
+    let log = std::fs::File::create(dirs.logs().join("all.log"))
+        .with_context(|| format!("create {}", dirs.logs().join("all.log").display()))?;
+    let mut cmd = Command::new("setsid");
+    cmd.arg(&tools.controlplane)
+        .arg("all")
+        .arg(format!("--log-dir={}", dirs.logs().display()))
+        .arg(format!("--pid-dir={}", dirs.pids().display()))
+        .arg("--restarts=50")
+        .arg("--stop-timeout=15s")
+        .arg("--")
+        .args(&emulator)
+        .arg("--")
+        .args(&agent)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    let mut child = cmd.spawn().context("start the node supervisor")?;
+
+    let pid_file = dirs.pids().join("all.pid");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !pid_file.exists() {
+        if let Some(status) = child.try_wait()? {
+            bail!(
+                "the supervisor of node {} exited ({status}); see {}",
+                launch.spec.name,
+                dirs.logs().join("all.log").display()
+            );
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the supervisor of node {} wrote no PID file",
+                launch.spec.name
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+/// The PID in `dirs/pids/<name>.pid`, if that process is running.
+pub fn pid(dirs: &NodeDirs, name: &str) -> Option<u32> {
+    let text = std::fs::read_to_string(dirs.pids().join(format!("{name}.pid"))).ok()?;
+    let pid: u32 = text.trim().parse().ok()?;
+    Path::new(&format!("/proc/{pid}")).exists().then_some(pid)
+}
+
+/// Sends `signal` (e.g. `KILL`, `TERM`) to a running process.
+pub fn signal(pid: u32, signal: &str) -> Result<()> {
+    let status = Command::new("kill")
+        .arg(format!("-{signal}"))
+        .arg(pid.to_string())
+        .status()
+        .context("run kill")?;
+    if !status.success() {
+        bail!("kill -{signal} {pid} failed ({status})");
+    }
+    Ok(())
+}
+
+/// Kills the node's agent with `sig`; the supervisor starts a new one.
+/// Returns the old PID.
+pub fn kill_agent(dirs: &NodeDirs, sig: &str) -> Result<u32> {
+    let old = pid(dirs, "agent").context("the agent is not running")?;
+    signal(old, sig)?;
+    Ok(old)
+}
+
+/// Stops a node: SIGTERM to its supervisor (which stops the agent, then the
+/// emulator), then anything left in its session is killed. Never touches a
+/// process outside the node's session.
+pub fn stop(dirs: &NodeDirs, timeout: Duration) -> Result<()> {
+    let Some(sup) = pid(dirs, "all") else {
+        return Ok(());
+    };
+    let members = || session_members(sup);
+    signal(sup, "TERM")?;
+    let deadline = Instant::now() + timeout;
+    while !members().is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let left = members();
+    for pid in &left {
+        // Best effort: the process may exit between listing and signalling.
+        let _ = signal(*pid, "KILL");
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let left = members();
+    if !left.is_empty() {
+        bail!(
+            "processes of node {} still running: {left:?}",
+            dirs.dir.display()
+        );
+    }
+    Ok(())
+}
+
+/// PIDs of live processes in session `sid` (the supervisor leads its
+/// session). Zombies are not counted: an orphan's exit status waits for
+/// init to reap it, which can take a while in a container.
+fn session_members(sid: u32) -> Vec<u32> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
+        .filter(|pid| matches!(session_of(*pid), Some((s, state)) if s == sid && state != 'Z'))
+        .collect()
+}
+
+/// The session ID and state letter of `pid`, from `/proc/PID/stat` (fields
+/// 6 and 3; the command name in field 2 may contain spaces, so fields are
+/// counted after its `)`).
+fn session_of(pid: u32) -> Option<(u32, char)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = &stat[stat.rfind(')')? + 1..];
+    // After ")": state ppid pgrp session ...
+    let mut fields = after.split_whitespace();
+    let state = fields.next()?.chars().next()?;
+    let session = fields.nth(2)?.parse().ok()?;
+    Some((session, state))
+}
+
+/// A stable UUID-shaped string derived from `seed` (boot IDs of simulated
+/// nodes: stable, distinct per node).
+fn pseudo_uuid(seed: &str) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in seed.bytes() {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    let lo = h.rotate_left(17) ^ 0x9e37_79b9_7f4a_7c15;
+    format!(
+        "{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}",
+        h >> 32,
+        (h >> 16) & 0xffff,
+        h & 0xfff,
+        lo >> 52,
+        lo & 0xffff_ffff_ffff
+    )
+}
+
+fn path(p: &Path) -> String {
+    p.display().to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pretty_assertions::assert_eq;
+
+    #[test]
+    fn node_spec_parse() {
+        assert_eq!(
+            NodeSpec::parse("h100-0=h100-sxm-80gb-x8").unwrap(),
+            NodeSpec {
+                name: "h100-0".into(),
+                profile: "h100-sxm-80gb-x8".into()
+            }
+        );
+        for bad in ["h100-0", "=p", "n="] {
+            assert_eq!(
+                NodeSpec::parse(bad).unwrap_err().to_string(),
+                format!("{bad:?} is not NAME=PROFILE (e.g. h100-0=h100-sxm-80gb-x8)")
+            );
+        }
+    }
+
+    #[test]
+    fn labels_follow_gpu_feature_discovery() {
+        let spec = NodeSpec::parse("n=gb200-x4").unwrap();
+        let labels = labels(&spec.inventory().unwrap());
+        assert_eq!(labels["nvidia.com/gpu.present"], "true");
+        assert_eq!(labels["nvidia.com/gpu.count"], "4");
+        assert_eq!(labels["nvidia.com/cuda.driver-version.full"], "580.82.07");
+        assert_eq!(
+            labels["nvidia.com/gpu.clique"],
+            "0fbfa579-21f7-c9ca-5f2a-5e77f05dba9f.1"
+        );
+        let l4 = labels_of("l4-x2");
+        assert_eq!(l4["nvidia.com/gpu.product"], "NVIDIA-L4");
+        assert!(!l4.contains_key("nvidia.com/gpu.clique"));
+    }
+
+    fn labels_of(profile: &str) -> BTreeMap<String, String> {
+        labels(
+            &NodeSpec::parse(&format!("n={profile}"))
+                .unwrap()
+                .inventory()
+                .unwrap(),
+        )
+    }
+
+    #[test]
+    fn session_of_this_process_is_readable() {
+        let (_, state) = session_of(std::process::id()).unwrap();
+        assert_eq!(state, 'R');
+    }
+
+    #[test]
+    fn pseudo_uuids_are_stable_and_distinct() {
+        assert_eq!(pseudo_uuid("a"), pseudo_uuid("a"));
+        assert_ne!(pseudo_uuid("a"), pseudo_uuid("b"));
+        assert_eq!(pseudo_uuid("a").len(), 36);
+    }
+}

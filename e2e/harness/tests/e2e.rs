@@ -1,0 +1,279 @@
+//! The end-to-end suite: nvdra on a real control plane with simulated GPU
+//! nodes (see `nvdra_e2e`). One cluster serves the functional scenarios, a
+//! second, larger one the latency run. Each scenario works in its own
+//! namespace and asserts on API objects and on the files the agents wrote.
+//!
+//! Run with `scripts/test` (builds everything first) or
+//! `cargo test -p nvdra-e2e --features e2e --test e2e [-- FILTER...]`.
+//! The run directory (logs of every component) is kept under
+//! `e2e/.cache/e2e-run/`, or `$NVDRA_E2E_DIR`.
+
+// A harness=false test binary reports to the person running it on stderr,
+// as libtest would; tracing would bury the verdict in component logs.
+#![allow(clippy::print_stderr)]
+
+mod e2e {
+    pub mod env;
+    pub mod perf;
+    pub mod scenarios;
+}
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use e2e::env::Env;
+use futures::future::BoxFuture;
+use nvdra_e2e::tools::{ToolPaths, repo_root};
+use nvdra_e2e::{Cluster, ClusterSpec, NodeSpec, Tools};
+
+/// Flags (cargo passes what follows `--`).
+#[derive(Debug, Parser)]
+struct Args {
+    /// Run directory (default: e2e/.cache/e2e-run).
+    #[arg(long, env = "NVDRA_E2E_DIR")]
+    dir: Option<std::path::PathBuf>,
+    /// Program paths.
+    #[command(flatten)]
+    tools: ToolPaths,
+    /// Run only scenarios whose name contains one of these.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    filters: Vec<String>,
+}
+
+type Scenario = fn(Arc<Env>) -> BoxFuture<'static, anyhow::Result<()>>;
+
+/// The functional scenarios, in order; each gets this long.
+const SCENARIOS: &[(&str, Scenario, u64)] = &[
+    (
+        "slices_published",
+        |e| Box::pin(e2e::scenarios::slices_published(e)),
+        60,
+    ),
+    (
+        "single_gpu_lifecycle",
+        |e| Box::pin(e2e::scenarios::single_gpu_lifecycle(e)),
+        120,
+    ),
+    (
+        "cel_selectors",
+        |e| Box::pin(e2e::scenarios::cel_selectors(e)),
+        120,
+    ),
+    (
+        "shared_and_distinct_claims",
+        |e| Box::pin(e2e::scenarios::shared_and_distinct_claims(e)),
+        120,
+    ),
+    (
+        "agent_restart_during_burst",
+        |e| Box::pin(e2e::scenarios::agent_restart_during_burst(e)),
+        240,
+    ),
+    (
+        "invalid_opaque_config",
+        |e| Box::pin(e2e::scenarios::invalid_opaque_config(e)),
+        90,
+    ),
+];
+
+fn main() -> ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("NVDRA_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
+        .with_test_writer()
+        .init();
+    let args = Args::parse();
+    let filters: Vec<String> = args
+        .filters
+        .iter()
+        .filter(|a| !a.starts_with('-'))
+        .cloned()
+        .collect();
+    let wanted =
+        |name: &str| filters.is_empty() || filters.iter().any(|f| name.contains(f.as_str()));
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(err) => {
+            eprintln!("e2e: cannot start a runtime: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut failed = Vec::new();
+    let mut passed = 0usize;
+    let base = args
+        .dir
+        .clone()
+        .unwrap_or_else(|| repo_root().join("e2e/.cache/e2e-run"));
+    let tools = args.tools.clone();
+
+    let functional: Vec<_> = SCENARIOS.iter().filter(|(n, ..)| wanted(n)).collect();
+    if !functional.is_empty() {
+        let outcome = runtime.block_on(with_cluster(
+            &tools,
+            &base.join("functional"),
+            functional_spec(),
+            |env| async move {
+                let mut results = Vec::new();
+                for (name, scenario, secs) in &functional {
+                    results.push((*name, run_one(name, *scenario, env.clone(), *secs).await));
+                }
+                Ok(results)
+            },
+        ));
+        tally(outcome, &mut passed, &mut failed);
+    }
+    if wanted("latency_100_pods") {
+        let outcome = runtime.block_on(with_cluster(
+            &tools,
+            &base.join("latency"),
+            latency_spec(),
+            |env| async move {
+                let result = run_one(
+                    "latency_100_pods",
+                    |e| Box::pin(e2e::perf::latency_100_pods(e)),
+                    env,
+                    300,
+                )
+                .await;
+                Ok(vec![("latency_100_pods", result)])
+            },
+        ));
+        tally(outcome, &mut passed, &mut failed);
+    }
+
+    eprintln!("\ne2e: {passed} passed, {} failed", failed.len());
+    for (name, err) in &failed {
+        eprintln!("  FAILED {name}: {err}");
+    }
+    if failed.is_empty() && passed > 0 {
+        ExitCode::SUCCESS
+    } else {
+        if passed == 0 && failed.is_empty() {
+            eprintln!("e2e: no scenario matched {filters:?}");
+        }
+        ExitCode::FAILURE
+    }
+}
+
+fn tally(
+    outcome: anyhow::Result<Vec<(&'static str, anyhow::Result<()>)>>,
+    passed: &mut usize,
+    failed: &mut Vec<(String, String)>,
+) {
+    match outcome {
+        Ok(results) => {
+            for (name, result) in results {
+                match result {
+                    Ok(()) => *passed += 1,
+                    Err(err) => failed.push((name.to_owned(), format!("{err:#}"))),
+                }
+            }
+        }
+        Err(err) => failed.push(("cluster".to_owned(), format!("{err:#}"))),
+    }
+}
+
+/// Six nodes of four GPU generations.
+fn functional_spec() -> ClusterSpec {
+    let nodes = [
+        ("h100-0", "h100-sxm-80gb-x8"),
+        ("h200-0", "h200-x8"),
+        ("a100-0", "a100-40gb-x8-mig"),
+        ("gb200-0", "gb200-x4"),
+        ("gb200-1", "gb200-x4"),
+        ("l4-0", "l4-x2"),
+    ];
+    ClusterSpec {
+        nodes: nodes
+            .into_iter()
+            .map(|(name, profile)| NodeSpec {
+                name: name.into(),
+                profile: profile.into(),
+            })
+            .collect(),
+        chart_sets: Vec::new(),
+        agent_extra: Vec::new(),
+    }
+}
+
+/// Eight 16-GPU nodes: room for 100 single-GPU pods at once.
+fn latency_spec() -> ClusterSpec {
+    let profile = repo_root().join("e2e/profiles/l4-x16.yaml");
+    ClusterSpec {
+        nodes: (0..8)
+            .map(|i| NodeSpec {
+                name: format!("l4x16-{i}"),
+                profile: profile.display().to_string(),
+            })
+            .collect(),
+        chart_sets: Vec::new(),
+        agent_extra: Vec::new(),
+    }
+}
+
+/// Starts a cluster in `dir`, runs `body`, always stops the cluster.
+async fn with_cluster<F, Fut>(
+    paths: &ToolPaths,
+    dir: &std::path::Path,
+    spec: ClusterSpec,
+    body: F,
+) -> anyhow::Result<Vec<(&'static str, anyhow::Result<()>)>>
+where
+    F: FnOnce(Arc<Env>) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<Vec<(&'static str, anyhow::Result<()>)>>>,
+{
+    // A previous run that was killed may have left processes behind.
+    if dir.exists() {
+        let _ = Cluster::down(dir);
+        std::fs::remove_dir_all(dir)?;
+    }
+    let tools = Tools::locate(paths)?;
+    let started = Instant::now();
+    let cluster = Cluster::up(tools, dir, spec).await?;
+    eprintln!(
+        "e2e: cluster of {} nodes up in {:.1}s at {}",
+        cluster.spec.nodes.len(),
+        started.elapsed().as_secs_f64(),
+        dir.display()
+    );
+    let results = match Env::new(cluster).await {
+        Ok(env) => body(Arc::new(env)).await,
+        Err(err) => Err(err),
+    };
+    // A failed stop is its own failure; it does not hide the scenarios'.
+    let down = Cluster::down(dir).map_err(|err| ("cluster down", err));
+    let mut results = results?;
+    if let Err((name, err)) = down {
+        results.push((name, Err(err)));
+    }
+    Ok(results)
+}
+
+async fn run_one(name: &str, scenario: Scenario, env: Arc<Env>, secs: u64) -> anyhow::Result<()> {
+    eprintln!("e2e: --- {name}");
+    let started = Instant::now();
+    let task = tokio::spawn(tokio::time::timeout(
+        Duration::from_secs(secs),
+        scenario(env),
+    ));
+    let result = match task.await {
+        Ok(Ok(result)) => result,
+        Ok(Err(_)) => Err(anyhow::anyhow!("did not finish within {secs}s")),
+        Err(join) => Err(anyhow::anyhow!("panicked: {join}")),
+    };
+    match &result {
+        Ok(()) => eprintln!("e2e: ok {name} ({:.1}s)", started.elapsed().as_secs_f64()),
+        Err(err) => eprintln!(
+            "e2e: FAILED {name} ({:.1}s): {err:#}",
+            started.elapsed().as_secs_f64()
+        ),
+    }
+    result
+}

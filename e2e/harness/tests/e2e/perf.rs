@@ -1,0 +1,188 @@
+//! The latency run: 100 single-GPU pods created at once over eight 16-GPU
+//! nodes; time from each pod's creation request to the first watch event
+//! that shows it Running. The numbers go to `latency.json` in the run
+//! directory and to stderr; docs/performance.md quotes them. Only a
+//! generous completion deadline is asserted: timing on a shared 2-core
+//! machine is a measurement, not a test.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, ensure};
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::core::v1::Pod;
+use kube::runtime::{WatchStreamExt, watcher};
+
+use super::env::{Env, phase};
+
+const PODS: usize = 100;
+
+/// First sightings of a pod's milestones.
+#[derive(Debug, Clone, Default)]
+struct Marks {
+    claim: Option<Instant>,
+    bound: Option<Instant>,
+    running: Option<Instant>,
+}
+
+pub async fn latency_100_pods(env: Arc<Env>) -> Result<()> {
+    let ns = env.namespace("e2e-latency").await?;
+    env.apply(&format!(
+        "apiVersion: resource.k8s.io/v1
+kind: ResourceClaimTemplate
+metadata: {{ namespace: {ns}, name: one }}
+spec:
+  spec:
+    devices:
+      requests:
+      - name: gpu
+        exactly: {{ deviceClassName: gpu.nvidia.com }}
+"
+    ))?;
+
+    // Per pod, when the watch first showed: its generated claim (the
+    // resourceclaim controller), its node (the scheduler), Running (the
+    // kubelet emulator after NodePrepareResources).
+    let marks: Arc<Mutex<BTreeMap<String, Marks>>> = Arc::default();
+    let seen = marks.clone();
+    let pods = env.pods(&ns);
+    let watch = tokio::spawn(async move {
+        let stream = watcher(pods, watcher::Config::default()).default_backoff();
+        futures::pin_mut!(stream);
+        while let Ok(Some(event)) = stream.try_next().await {
+            let pods: Vec<Pod> = match event {
+                watcher::Event::Apply(p) | watcher::Event::InitApply(p) => vec![p],
+                _ => continue,
+            };
+            let now = Instant::now();
+            for pod in pods {
+                let name = pod.metadata.name.clone().unwrap_or_default();
+                let has_claim = pod
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.resource_claim_statuses.as_ref())
+                    .is_some_and(|c| !c.is_empty());
+                let bound = pod.spec.as_ref().is_some_and(|s| s.node_name.is_some());
+                let running = phase(&pod) == "Running";
+                if let Ok(mut seen) = seen.lock() {
+                    let m = seen.entry(name).or_default();
+                    if has_claim {
+                        m.claim.get_or_insert(now);
+                    }
+                    if bound {
+                        m.bound.get_or_insert(now);
+                    }
+                    if running {
+                        m.running.get_or_insert(now);
+                    }
+                }
+            }
+        }
+    });
+
+    let started = Instant::now();
+    let created: Vec<(String, Instant)> = futures::stream::iter(0..PODS)
+        .map(|i| {
+            let env = env.clone();
+            let ns = ns.clone();
+            async move {
+                let name = format!("lat-{i:03}");
+                let at = Instant::now();
+                env.create_pod(&ns, &name, &[("gpu", "template", "one")], None)
+                    .await?;
+                Ok::<_, anyhow::Error>((name, at))
+            }
+        })
+        .buffer_unordered(16)
+        .try_collect()
+        .await?;
+    let deadline = Instant::now() + Duration::from_secs(240);
+    loop {
+        let done = marks
+            .lock()
+            .map(|m| m.values().filter(|m| m.running.is_some()).count())
+            .unwrap_or(0);
+        if done >= PODS {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "only {done} of {PODS} pods Running after 240 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let total = started.elapsed();
+    watch.abort();
+
+    let seen = marks.lock().map(|m| m.clone()).unwrap_or_default();
+    // Stage durations per pod, in ms: create→Running (the headline), and
+    // its parts create→claim, claim→bound, bound→Running.
+    let mut stages: [Vec<f64>; 4] = Default::default();
+    for (name, at) in &created {
+        let m = seen.get(name).context("pod never seen")?;
+        let ran = m.running.context("pod not seen Running")?;
+        // A stage the watch skipped over (two changes in one event) counts
+        // as taking no time.
+        let claim = m.claim.unwrap_or(ran).max(*at);
+        let bound = m.bound.unwrap_or(ran).max(claim);
+        let ms =
+            |from: Instant, to: Instant| to.saturating_duration_since(from).as_secs_f64() * 1000.0;
+        stages[0].push(ms(*at, ran));
+        stages[1].push(ms(*at, claim));
+        stages[2].push(ms(claim, bound));
+        stages[3].push(ms(bound, ran));
+    }
+    let summary = |v: &mut Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        let pct = |p: f64| v[((v.len() as f64 - 1.0) * p).round() as usize];
+        serde_json::json!({ "p50_ms": pct(0.5), "p90_ms": pct(0.9), "p99_ms": pct(0.99), "max_ms": pct(1.0) })
+    };
+    let [to_running, to_claim, to_bound, to_prepared] = &mut stages;
+    let report = serde_json::json!({
+        "pods": PODS,
+        "nodes": env.cluster.spec.nodes.len(),
+        "all_running_after_ms": total.as_secs_f64() * 1000.0,
+        "create_to_running": summary(to_running),
+        "create_to_claim_created": summary(to_claim),
+        "claim_to_scheduled": summary(to_bound),
+        "scheduled_to_running": summary(to_prepared),
+    });
+    std::fs::write(
+        env.cluster.dir.join("latency.json"),
+        serde_json::to_vec_pretty(&report)?,
+    )?;
+    eprintln!("e2e: latency of {PODS} pods over 8 nodes: {report}");
+
+    // Every pod deleted: every claim unprepared, every CDI spec removed.
+    env.cluster.cp.kubectl(
+        &["delete", "pods", "--all", "-n", &ns, "--wait=false"],
+        None,
+    )?;
+    let pods = env.pods(&ns);
+    nvdra_e2e::wait::until(
+        Duration::from_secs(180),
+        "all latency pods gone",
+        || async { Ok(pods.list(&Default::default()).await?.items.is_empty()) },
+    )
+    .await?;
+    for spec in &env.cluster.spec.nodes {
+        let left = env.checkpoint(&spec.name)?;
+        ensure!(
+            left.is_empty(),
+            "{}: claims still prepared: {:?}",
+            spec.name,
+            left.keys()
+        );
+        let specs = std::fs::read_dir(env.cluster.node_dirs(&spec.name).cdi())?
+            .filter_map(|e| e.ok())
+            .filter(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with("k8s.gpu.nvidia.com-claim_")
+            })
+            .count();
+        ensure!(specs == 0, "{}: {specs} CDI specs left", spec.name);
+    }
+    Ok(())
+}
