@@ -29,6 +29,9 @@ pub struct Rendered {
     pub objects: Vec<Value>,
     /// Namespace and name of the service account the agent DaemonSet runs as.
     pub agent_service_account: (String, String),
+    /// The image of the chart's containers (`repository:tag`): pods using
+    /// it run our binaries as local processes on the simulated nodes.
+    pub image: String,
 }
 
 /// Renders the chart as release `release` in `namespace` with `--set`
@@ -72,6 +75,7 @@ pub fn parse(text: &str, namespace: &str) -> Result<Rendered> {
     let mut crds = Vec::new();
     let mut objects = Vec::new();
     let mut agent_service_account = None;
+    let mut image = None;
     for doc in docs.into_iter().flatten() {
         if doc.is_null() {
             continue;
@@ -84,6 +88,7 @@ pub fn parse(text: &str, namespace: &str) -> Result<Rendered> {
                 .context("the chart's DaemonSet names no serviceAccountName")?;
             let ns = doc["metadata"]["namespace"].as_str().unwrap_or(namespace);
             agent_service_account = Some((ns.to_owned(), sa.to_owned()));
+            image = spec["containers"][0]["image"].as_str().map(str::to_owned);
         }
         if kind == "CustomResourceDefinition" {
             crds.push(doc);
@@ -96,6 +101,7 @@ pub fn parse(text: &str, namespace: &str) -> Result<Rendered> {
         objects: crds,
         agent_service_account: agent_service_account
             .context("the chart rendered no agent DaemonSet")?,
+        image: image.context("the chart's DaemonSet has no container image")?,
     })
 }
 
@@ -188,7 +194,13 @@ metadata: { name: sa-kubeletplugin, namespace: nvdra }
 apiVersion: apps/v1
 kind: DaemonSet
 metadata: { name: agent, namespace: nvdra }
-spec: { template: { spec: { serviceAccountName: sa-kubeletplugin } } }
+spec:
+  template:
+    spec:
+      serviceAccountName: sa-kubeletplugin
+      containers:
+      - name: gpus
+        image: ghcr.io/nvdra/nvdra:v0.1.0
 ---
 apiVersion: apiextensions.k8s.io/v1
 kind: CustomResourceDefinition
@@ -206,6 +218,7 @@ metadata: { name: computedomains.resource.nvidia.com }
             rendered.agent_service_account,
             ("nvdra".to_owned(), "sa-kubeletplugin".to_owned())
         );
+        assert_eq!(rendered.image, "ghcr.io/nvdra/nvdra:v0.1.0");
     }
 
     #[test]

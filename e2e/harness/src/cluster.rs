@@ -68,6 +68,7 @@ impl ClusterSpec {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct State {
     spec: ClusterSpec,
+    image: String,
     controlplane: PathBuf,
     agent_ports: Vec<u16>,
 }
@@ -85,6 +86,8 @@ pub struct Cluster {
     pub agent_ports: Vec<u16>,
     /// Programs.
     pub tools: Tools,
+    /// The chart's image; pods using it run our binaries locally.
+    pub image: String,
 }
 
 impl Cluster {
@@ -100,6 +103,7 @@ impl Cluster {
         // lifecycle controller sees Ready nodes as a real cluster's would.
         let cp = ControlPlane::up(&tools.controlplane, &dir, &names, "*")?;
         let cluster = Self {
+            image: String::new(),
             agent_ports: Vec::new(),
             dir: dir.clone(),
             cp,
@@ -136,6 +140,7 @@ impl Cluster {
             &sets,
         )?;
         chart::apply(&self.cp, &rendered, NAMESPACE)?;
+        self.image = rendered.image.clone();
         let identities = self.dir.join("identities");
         std::fs::create_dir_all(&identities)?;
         let agent_kubeconfig = chart::service_account_kubeconfig(
@@ -157,6 +162,7 @@ impl Cluster {
                     agent_kubeconfig: &agent_kubeconfig,
                     agent_http_port: *port,
                     agent_extra: &self.spec.agent_extra,
+                    image: &rendered.image,
                 },
             )?;
         }
@@ -173,6 +179,7 @@ impl Cluster {
             dir: dir.to_owned(),
             spec: state.spec,
             agent_ports: state.agent_ports,
+            image: state.image,
             tools,
         })
     }
@@ -251,6 +258,7 @@ impl Cluster {
     fn save(&self) -> Result<()> {
         let state = State {
             spec: self.spec.clone(),
+            image: self.image.clone(),
             controlplane: self.cp.bin.clone(),
             agent_ports: self.agent_ports.clone(),
         };

@@ -76,6 +76,11 @@ const SCENARIOS: &[(&str, Scenario, u64)] = &[
         |e| Box::pin(e2e::scenarios::invalid_opaque_config(e)),
         90,
     ),
+    (
+        "local_process_pod",
+        |e| Box::pin(e2e::scenarios::local_process_pod(e)),
+        90,
+    ),
 ];
 
 fn main() -> ExitCode {

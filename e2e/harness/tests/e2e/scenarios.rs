@@ -484,3 +484,65 @@ spec:
     );
     Ok(())
 }
+
+/// Scenario 7: a pod of our image runs as a local process on its simulated
+/// node with the pod's environment (downward API included), holding a
+/// prepared GPU, and is stopped gracefully when deleted.
+pub async fn local_process_pod(env: Arc<Env>) -> Result<()> {
+    let ns = env.namespace("e2e-local").await?;
+    env.apply(&template(&ns, "one", None))?;
+    let pod: k8s_openapi::api::core::v1::Pod = serde_json::from_value(serde_json::json!({
+        "metadata": { "name": "local", "namespace": ns },
+        "spec": {
+            "terminationGracePeriodSeconds": 10,
+            "containers": [{
+                "name": "work",
+                "image": env.cluster.image,
+                "command": ["nvdra-e2e-workload"],
+                "env": [
+                    { "name": "LITERAL", "value": "plain" },
+                    { "name": "NODE_NAME", "valueFrom": { "fieldRef": { "fieldPath": "spec.nodeName" } } },
+                    { "name": "POD_NAME", "valueFrom": { "fieldRef": { "fieldPath": "metadata.name" } } },
+                    { "name": "POD_UID", "valueFrom": { "fieldRef": { "fieldPath": "metadata.uid" } } },
+                ],
+                "resources": { "claims": [{ "name": "gpu" }] },
+            }],
+            "resourceClaims": [{ "name": "gpu", "resourceClaimTemplateName": "one" }],
+        },
+    }))?;
+    env.pods(&ns)
+        .create(&Default::default(), &pod)
+        .await
+        .context("create pod local")?;
+    let pod = env.running(&ns, "local", RUNNING).await?;
+    let node = node_of(&pod);
+    let pod_uid = pod.metadata.uid.clone().unwrap_or_default();
+    let log = env.cluster.node_dirs(&node).pod(&pod_uid).join("work.log");
+    let read = || std::fs::read_to_string(&log).unwrap_or_default();
+    wait::until(
+        Duration::from_secs(30),
+        "the workload to print its env",
+        || async { Ok(read().lines().any(|l| l == "ready")) },
+    )
+    .await?;
+    let text = read();
+    for want in [
+        "LITERAL=plain".to_owned(),
+        format!("NODE_NAME={node}"),
+        "POD_NAME=local".to_owned(),
+        format!("POD_UID={pod_uid}"),
+    ] {
+        ensure!(
+            text.lines().any(|l| l == want),
+            "{want} missing from the workload's env:\n{text}"
+        );
+    }
+    env.delete_pod(&ns, "local", Duration::from_secs(60))
+        .await?;
+    ensure!(
+        read().lines().any(|l| l == "terminated"),
+        "the workload was not stopped with SIGTERM:\n{}",
+        read()
+    );
+    Ok(())
+}
