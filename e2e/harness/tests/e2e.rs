@@ -81,6 +81,11 @@ const SCENARIOS: &[(&str, Scenario, u64)] = &[
         |e| Box::pin(e2e::scenarios::local_process_pod(e)),
         90,
     ),
+    (
+        "corrupt_checkpoint_recovered",
+        |e| Box::pin(e2e::scenarios::corrupt_checkpoint_recovered(e)),
+        120,
+    ),
 ];
 
 fn main() -> ExitCode {

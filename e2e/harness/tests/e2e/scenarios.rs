@@ -48,11 +48,45 @@ spec:
     )
 }
 
-/// Scenario 1: Every node publishes one complete pool with the devices its profile
-/// has and the attributes upstream publishes.
+/// Scenario 1: Every node is Ready, untainted, heartbeating through its Lease,
+/// and publishes one complete pool with the devices its profile has and the
+/// attributes upstream publishes.
 pub async fn slices_published(env: Arc<Env>) -> Result<()> {
     let slices: Api<ResourceSlice> = Api::all(env.client.clone());
+    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(env.client.clone());
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(env.client.clone(), "kube-node-lease");
     for spec in &env.cluster.spec.nodes {
+        let node = nodes.get(&spec.name).await?;
+        ensure!(
+            nvdra_e2e::cluster::is_ready(&node),
+            "{} not Ready",
+            spec.name
+        );
+        let taints = node
+            .spec
+            .as_ref()
+            .and_then(|s| s.taints.clone())
+            .unwrap_or_default();
+        ensure!(taints.is_empty(), "{} is tainted: {taints:?}", spec.name);
+        let labels = node.metadata.labels.clone().unwrap_or_default();
+        assert_eq!(
+            labels.get("nvidia.com/gpu.present").map(String::as_str),
+            Some("true")
+        );
+        let lease = leases.get(&spec.name).await?;
+        let holder = lease.spec.as_ref().and_then(|s| s.holder_identity.clone());
+        assert_eq!(holder.as_deref(), Some(spec.name.as_str()), "lease holder");
+        ensure!(
+            lease
+                .spec
+                .as_ref()
+                .and_then(|s| s.renew_time.as_ref())
+                .is_some(),
+            "{}: lease never renewed",
+            spec.name
+        );
+
         let inventory = spec.inventory()?;
         let list = slices
             .list(&ListParams::default().fields(&format!("spec.nodeName={}", spec.name)))
@@ -543,6 +577,88 @@ pub async fn local_process_pod(env: Arc<Env>) -> Result<()> {
         read().lines().any(|l| l == "terminated"),
         "the workload was not stopped with SIGTERM:\n{}",
         read()
+    );
+    Ok(())
+}
+
+/// Scenario 8: a corrupt checkpoint is set aside, reported as a Node event
+/// (with the chart's RBAC) and rebuilt from the API: the running pod's claim
+/// is adopted, so deleting the pod still unprepares it.
+pub async fn corrupt_checkpoint_recovered(env: Arc<Env>) -> Result<()> {
+    let ns = env.namespace("e2e-corrupt").await?;
+    let node = "l4-0";
+    env.apply(&template(&ns, "one", None))?;
+    env.create_pod(&ns, "survivor", &[("gpu", "template", "one")], Some(node))
+        .await?;
+    let pod = env.running(&ns, "survivor", RUNNING).await?;
+    let claim = env.pod_claim(&pod, "gpu").await?;
+    let claim_uid = uid(&claim);
+    ensure!(
+        env.checkpoint(node)?.contains_key(&claim_uid),
+        "claim not prepared"
+    );
+
+    let dirs = env.cluster.node_dirs(node);
+    let path = dirs.plugins().join("gpu.nvidia.com/checkpoint.json");
+    std::fs::write(
+        &path,
+        b"{\"kind\": \"NvdraCheckpoint\", \"version\": 1, \"data\": {trunc",
+    )?;
+    let old = nvdra_e2e::node::kill_agent(&dirs, "KILL")?;
+    wait::until(
+        Duration::from_secs(30),
+        "the agent to come back",
+        || async { Ok(nvdra_e2e::node::pid(&dirs, "agent").is_some_and(|p| p != old)) },
+    )
+    .await?;
+
+    wait::until(
+        Duration::from_secs(30),
+        "the claim to be adopted again",
+        || async {
+            Ok(env
+                .checkpoint(node)
+                .is_ok_and(|c| c.contains_key(&claim_uid)))
+        },
+    )
+    .await?;
+    let aside = std::fs::read_dir(path.parent().context("no parent")?)?
+        .filter_map(|e| e.ok())
+        .any(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with("checkpoint.json.corrupt-")
+        });
+    ensure!(
+        aside,
+        "the corrupt checkpoint was not kept aside for inspection"
+    );
+    let events: Api<k8s_openapi::api::core::v1::Event> = Api::all(env.client.clone());
+    wait::until(
+        Duration::from_secs(30),
+        "a CheckpointCorrupted event on the node",
+        || async {
+            let list = events
+                .list(&ListParams::default().fields(&format!(
+                    "involvedObject.kind=Node,involvedObject.name={node}"
+                )))
+                .await?;
+            Ok(list.items.iter().any(|e| {
+                e.reason.as_deref() == Some(nvdra_api::names::reasons::CHECKPOINT_CORRUPTED)
+            }))
+        },
+    )
+    .await?;
+
+    env.delete_pod(&ns, "survivor", Duration::from_secs(60))
+        .await?;
+    ensure!(
+        !env.cdi_spec(node, &claim_uid).exists(),
+        "CDI spec left after unprepare"
+    );
+    ensure!(
+        !env.checkpoint(node)?.contains_key(&claim_uid),
+        "claim left in checkpoint"
     );
     Ok(())
 }
