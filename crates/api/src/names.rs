@@ -58,7 +58,21 @@ pub mod labels {
     pub const GPU_CLIQUE: &str = "nvidia.com/gpu.clique";
     /// Read: GPU Feature Discovery's "this node has a GPU" label (value `true`).
     pub const GPU_PRESENT: &str = "nvidia.com/gpu.present";
+    /// Prefix of the per-domain Node label; see [`compute_domain_node_label`].
+    pub const COMPUTE_DOMAIN_NODE_PREFIX: &str = "resource.nvidia.com/computeDomain.";
+
+    /// The Node label (value `"true"`) that places a ComputeDomain's daemon on a node.
+    ///
+    /// Beyond upstream: upstream labels the Node `resource.nvidia.com/computeDomain=<uid>`,
+    /// which allows one domain per node. One key per domain lets domains share nodes, each
+    /// with its own daemon and IMEX channel. The agent sets it at channel prepare and removes
+    /// it at the domain's last channel unprepare on the node; the controller removes it from
+    /// every node when the domain is deleted.
+    pub fn compute_domain_node_label(domain_uid: &str) -> String {
+        format!("{COMPUTE_DOMAIN_NODE_PREFIX}{domain_uid}")
+    }
 }
+
 
 /// Values of [`labels::COMPUTE_DOMAIN_TARGET`].
 pub mod compute_domain_target {
@@ -289,9 +303,18 @@ pub mod objects {
     /// Name prefix of per-claim MPS control daemon Deployments.
     pub const MPS_CONTROL_DAEMON_PREFIX: &str = "mps-control-daemon-";
 
+    /// The daemon binary (command of the daemon DaemonSet's container).
+    pub const DAEMON_BINARY: &str = "nvdra-imex-daemon";
+
     /// Name of the daemon DaemonSet and daemon ResourceClaimTemplate of a ComputeDomain.
     pub fn daemon_name(compute_domain_uid: &str) -> String {
         format!("{DAEMON_PREFIX}{compute_domain_uid}")
+    }
+
+    /// Name of the ComputeDomainClique of a domain's daemons in one NVLink clique:
+    /// `<cdUID>.<cliqueID>`.
+    pub fn clique_name(compute_domain_uid: &str, clique_id: &str) -> String {
+        format!("{compute_domain_uid}.{clique_id}")
     }
 }
 
@@ -304,6 +327,11 @@ mod tests {
         assert_eq!(capacities::memory_slice(3), "memorySlice3");
         assert_eq!(counters::memory_slice(0), "memory-slice-0");
         assert_eq!(objects::daemon_name("abc"), "computedomain-daemon-abc");
+        assert_eq!(objects::clique_name("abc", "c.1"), "abc.c.1");
+        assert_eq!(
+            labels::compute_domain_node_label("abc"),
+            "resource.nvidia.com/computeDomain.abc"
+        );
         assert_eq!(
             api_group::API_VERSION,
             format!("{}/{}", api_group::GROUP, api_group::VERSION)
