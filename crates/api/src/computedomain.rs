@@ -116,6 +116,11 @@ pub struct ComputeDomainStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[x_kube(merge_strategy = ListMerge::Map(vec!["name".into()]))]
     pub nodes: Vec<ComputeDomainNode>,
+    /// nvdra only (upstream has no conditions): the `Ready` condition, written by the
+    /// controller with the `observedGeneration` it was computed for.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[x_kube(merge_strategy = ListMerge::Map(vec!["type".into()]))]
+    pub conditions: Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>,
 }
 
 /// One node's IMEX daemon in a ComputeDomain.
@@ -228,6 +233,7 @@ mod tests {
                 index: 0,
                 status: Ready,
             }],
+            conditions: Vec::new(),
         });
         assert_eq!(cd.global_status_from_nodes(), Ready);
     }

@@ -73,7 +73,6 @@ pub mod labels {
     }
 }
 
-
 /// Values of [`labels::COMPUTE_DOMAIN_TARGET`].
 pub mod compute_domain_target {
     /// The claim template for the per-node IMEX daemons.
@@ -263,6 +262,10 @@ pub mod reasons {
     pub const DAEMONS_READY: &str = "DaemonsReady";
     /// Fewer IMEX daemons than expected have joined, or some are not ready.
     pub const DAEMONS_NOT_READY: &str = "DaemonsNotReady";
+    /// The controller failed to create, update or clean up a ComputeDomain's children.
+    pub const RECONCILE_FAILED: &str = "ReconcileFailed";
+    /// A ComputeDomain could not be decoded (it does not match the CRD types).
+    pub const INVALID_OBJECT: &str = "InvalidObject";
 }
 
 /// Leader-election Lease names.

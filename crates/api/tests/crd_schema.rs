@@ -148,10 +148,21 @@ fn compute_domain_spec_schema() {
 fn compute_domain_status_schema() {
     let cd = crd("computedomains.resource.nvidia.com");
     let status = &format!("{CD_SCHEMA}/properties/status");
-    assert_eq!(properties(&cd, status), ["nodes", "status"]);
+    assert_eq!(properties(&cd, status), ["conditions", "nodes", "status"]);
     assert_eq!(
         sorted_strings(at(&cd, &format!("{status}/required"))),
         ["status"]
+    );
+    // nvdra only: the controller's conditions, one per type (server-side apply list-map).
+    let conditions = &format!("{status}/properties/conditions");
+    assert_eq!(at(&cd, &format!("{conditions}/type")), "array");
+    assert_eq!(
+        at(&cd, &format!("{conditions}/x-kubernetes-list-type")),
+        "map"
+    );
+    assert_eq!(
+        at(&cd, &format!("{conditions}/x-kubernetes-list-map-keys")),
+        &json!(["type"])
     );
     let global = at(&cd, &format!("{status}/properties/status"));
     assert_eq!(global["type"], "string");

@@ -1,0 +1,268 @@
+//! Command-line flags of `nvdra-controller`; every flag is also an environment variable.
+//!
+//! Names follow the upstream `compute-domain-controller` where it has the flag (`--pod-name`/
+//! `POD_NAME`, `--namespace`/`NAMESPACE`, `--image-name`/`IMAGE_NAME`, the leader-election
+//! flags, ...), so the upstream chart's environment configures nvdra unchanged. Upstream's Go
+//! flags also accept a single dash (`-lease-duration`); clap accepts only `--lease-duration`,
+//! and the chart passes everything through the environment anyway. Flags of our own use
+//! `NVDRA_*` variables.
+//!
+//! Failure modes: a malformed value (duration, address, feature gate) fails parsing with a
+//! message naming the flag; nothing here touches the network or the filesystem.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{ArgAction, Parser, ValueEnum};
+use nvdra_api::FeatureGates;
+use nvdra_api::names::leases;
+
+/// The ComputeDomain controller of the `compute-domain.nvidia.com` DRA driver.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "nvdra-controller", version, about)]
+pub struct Args {
+    /// Name of this pod (downward API); the leader-election identity and Event reporter.
+    #[arg(long, env = "POD_NAME")]
+    pub pod_name: String,
+
+    /// The driver namespace: where daemon DaemonSets, daemon claim templates and cliques live.
+    #[arg(long, env = "NAMESPACE", default_value = "default")]
+    pub namespace: String,
+
+    /// Image of the IMEX daemon pods (normally the controller's own image).
+    #[arg(long, env = "IMAGE_NAME")]
+    pub image_name: String,
+
+    /// Image pull secrets of the IMEX daemon pods, comma-separated (empty names are ignored).
+    #[arg(long, env = "CD_DAEMON_IMAGE_PULL_SECRET_NAMES", value_delimiter = ',')]
+    pub cd_daemon_image_pull_secret_names: Vec<String>,
+
+    /// Log verbosity of the IMEX daemons, passed to them as `NVDRA_LOG`: a klog level
+    /// (0–3 info, 4–5 debug, 6+ trace) or a tracing filter such as `info,nvdra=debug`.
+    #[arg(long, env = "LOG_VERBOSITY_CD_DAEMON", default_value = "1")]
+    pub log_verbosity_cd_daemon: String,
+
+    /// Largest IMEX domain (nodes per clique), passed to the daemons.
+    #[arg(long, env = "MAX_NODES_PER_IMEX_DOMAIN", default_value_t = 18)]
+    pub max_nodes_per_imex_domain: u32,
+
+    /// Feature gates, `Name=true,Other=false`; passed on to the daemons.
+    #[arg(long, env = "FEATURE_GATES", default_value = "")]
+    pub feature_gates: FeatureGates,
+
+    /// Address serving `/metrics`, `/livez` and `/readyz` (`:8080` means all interfaces);
+    /// empty to disable.
+    #[arg(long, env = "HTTP_ENDPOINT", default_value = ":8080", value_parser = parse_endpoint)]
+    pub http_endpoint: Endpoint,
+
+    /// Path of the metrics page on the HTTP endpoint.
+    #[arg(long, env = "METRICS_PATH", default_value = "/metrics")]
+    pub metrics_path: String,
+
+    /// Path of a kubeconfig; in-cluster configuration when unset.
+    #[arg(long, env = "KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+
+    /// Sustained queries per second to the API server.
+    #[arg(long, env = "KUBE_API_QPS", default_value_t = 5.0)]
+    pub kube_api_qps: f64,
+
+    /// Requests allowed in a burst above the sustained rate.
+    #[arg(long, env = "KUBE_API_BURST", default_value_t = 10)]
+    pub kube_api_burst: u32,
+
+    /// Run only while holding the leader-election Lease, so several replicas are safe.
+    #[arg(
+        long,
+        env = "LEADER_ELECTION_ENABLED",
+        action = ArgAction::Set,
+        num_args = 0..=1,
+        default_value_t = false,
+        default_missing_value = "true"
+    )]
+    pub leader_election_enabled: bool,
+
+    /// Namespace of the leader-election Lease.
+    #[arg(long, env = "LEASE_LOCK_NAMESPACE", default_value = "default")]
+    pub lease_lock_namespace: String,
+
+    /// Name of the leader-election Lease.
+    #[arg(long, env = "LEASE_LOCK_NAME", default_value = leases::CONTROLLER)]
+    pub lease_lock_name: String,
+
+    /// How long a Lease stays valid after its last renewal; standbys wait this long
+    /// before taking over from a silent leader.
+    #[arg(long, env = "LEASE_DURATION", default_value = "15s", value_parser = parse_duration)]
+    pub lease_duration: Duration,
+
+    /// How long the leader keeps trying to renew before it gives up leadership (and exits).
+    #[arg(long, env = "RENEW_DEADLINE", default_value = "10s", value_parser = parse_duration)]
+    pub renew_deadline: Duration,
+
+    /// Interval between acquire or renew attempts.
+    #[arg(long, env = "RETRY_PERIOD", default_value = "2s", value_parser = parse_duration)]
+    pub retry_period: Duration,
+
+    /// ComputeDomains reconciled in parallel.
+    #[arg(long, env = "NVDRA_RECONCILE_CONCURRENCY", default_value_t = 8)]
+    pub reconcile_concurrency: u16,
+
+    /// Interval of the sweep that deletes children and node labels of ComputeDomains that no
+    /// longer exist (also run at start and when a child of an unknown domain shows up).
+    #[arg(long, env = "NVDRA_ORPHAN_SWEEP_INTERVAL", default_value = "10m", value_parser = parse_duration)]
+    pub orphan_sweep_interval: Duration,
+
+    /// Log filter (tracing `EnvFilter` syntax, e.g. `info,nvdra_controller=debug`).
+    #[arg(long, env = "NVDRA_LOG", default_value = "info")]
+    pub log_level: String,
+
+    /// Log format.
+    #[arg(long, env = "NVDRA_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// An optional listen address.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Endpoint(pub Option<SocketAddr>);
+
+/// Accepts Go-style `:8080` (all interfaces), `host:port`, or empty (off).
+fn parse_endpoint(raw: &str) -> Result<Endpoint, String> {
+    let raw = raw.trim();
+    if raw.is_empty() {
+        return Ok(Endpoint(None));
+    }
+    let full = match raw.strip_prefix(':') {
+        Some(port) => format!("0.0.0.0:{port}"),
+        None => raw.to_owned(),
+    };
+    full.parse()
+        .map(|addr| Endpoint(Some(addr)))
+        .map_err(|_| format!("{raw:?} is not an address like ':8080' or '127.0.0.1:8080'"))
+}
+
+/// Accepts Go-style single-unit durations: `<n>ms`, `<n>s`, `<n>m`, `<n>h`.
+fn parse_duration(raw: &str) -> Result<Duration, String> {
+    let raw = raw.trim();
+    let split = raw.find(|c: char| !c.is_ascii_digit()).unwrap_or(raw.len());
+    let (number, unit) = raw.split_at(split);
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{raw:?} is not a duration like '15s', '10m' or '500ms'"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        "h" => Ok(Duration::from_secs(n * 3600)),
+        _ => Err(format!(
+            "{raw:?} has no unit; use ms, s, m or h (e.g. '15s')"
+        )),
+    }
+}
+
+/// The daemons' `NVDRA_LOG` filter for a `--log-verbosity-cd-daemon` value: klog levels map
+/// to tracing levels, anything else is taken as a filter already.
+pub fn daemon_log_filter(verbosity: &str) -> String {
+    match verbosity.trim().parse::<u32>() {
+        Ok(0..=3) => "info".to_owned(),
+        Ok(4..=5) => "debug".to_owned(),
+        Ok(_) => "trace".to_owned(),
+        Err(_) => verbosity.trim().to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pretty_assertions::assert_eq;
+
+    fn parse(extra: &[&str]) -> Result<Args, clap::Error> {
+        let mut argv = vec!["nvdra-controller", "--pod-name", "p", "--image-name", "img"];
+        argv.extend_from_slice(extra);
+        Args::try_parse_from(argv)
+    }
+
+    #[test]
+    fn defaults_match_upstream() {
+        let args = parse(&[]).unwrap();
+        assert_eq!(args.namespace, "default");
+        assert_eq!(args.max_nodes_per_imex_domain, 18);
+        assert!(!args.leader_election_enabled);
+        assert_eq!(args.lease_lock_namespace, "default");
+        assert_eq!(args.lease_lock_name, "nvidia-compute-domain-controller");
+        assert_eq!(args.lease_duration, Duration::from_secs(15));
+        assert_eq!(args.renew_deadline, Duration::from_secs(10));
+        assert_eq!(args.retry_period, Duration::from_secs(2));
+        assert_eq!(args.metrics_path, "/metrics");
+        assert_eq!(
+            args.http_endpoint,
+            Endpoint(Some("0.0.0.0:8080".parse().unwrap()))
+        );
+        assert_eq!(args.cd_daemon_image_pull_secret_names, Vec::<String>::new());
+        assert_eq!(args.orphan_sweep_interval, Duration::from_secs(600));
+    }
+
+    #[test]
+    fn flags_parse() {
+        let args = parse(&[
+            "--leader-election-enabled",
+            "--cd-daemon-image-pull-secret-names",
+            "a,b",
+            "--http-endpoint",
+            "",
+            "--lease-duration",
+            "500ms",
+        ])
+        .unwrap();
+        assert!(args.leader_election_enabled);
+        assert_eq!(args.cd_daemon_image_pull_secret_names, vec!["a", "b"]);
+        assert_eq!(args.http_endpoint, Endpoint(None));
+        assert_eq!(args.lease_duration, Duration::from_millis(500));
+        let args = parse(&["--leader-election-enabled", "false"]).unwrap();
+        assert!(!args.leader_election_enabled);
+    }
+
+    #[test]
+    fn required_flags() {
+        let err = Args::try_parse_from(["nvdra-controller", "--pod-name", "p"]).unwrap_err();
+        assert_eq!(err.kind(), clap::error::ErrorKind::MissingRequiredArgument);
+    }
+
+    #[test]
+    fn bad_values() {
+        let cases: &[(&str, &str)] = &[
+            ("15", "\"15\" has no unit; use ms, s, m or h (e.g. '15s')"),
+            ("x", "\"x\" is not a duration like '15s', '10m' or '500ms'"),
+        ];
+        for (raw, want) in cases {
+            assert_eq!(parse_duration(raw).unwrap_err(), *want);
+        }
+        assert_eq!(
+            parse_endpoint("nope").unwrap_err(),
+            "\"nope\" is not an address like ':8080' or '127.0.0.1:8080'"
+        );
+    }
+
+    #[test]
+    fn daemon_log_filters() {
+        let cases = [
+            ("0", "info"),
+            ("3", "info"),
+            ("4", "debug"),
+            ("6", "trace"),
+            ("warn,nvdra=debug", "warn,nvdra=debug"),
+        ];
+        for (raw, want) in cases {
+            assert_eq!(daemon_log_filter(raw), want, "{raw}");
+        }
+    }
+}
