@@ -1,0 +1,651 @@
+//! The `run` subcommand: join the clique, keep `/etc/hosts` and `nvidia-imex` in step with it,
+//! leave on SIGTERM.
+//!
+//! Expected flow:
+//! 1. Fail fast when `COMPUTE_DOMAIN_UUID` is empty (the claim's CDI edits were not applied).
+//! 2. Merge-patch the own pod's `resource.nvidia.com/computeDomain.cliqueID` label.
+//! 3. Without a clique ID the node is not fabric-attached: idle until SIGTERM (`check` passes).
+//! 4. Render `/imexd/imexd.cfg` (from `/imexd/imexd.cfg.tmpl` when present) and write the
+//!    static `/imexd/nodes.cfg`.
+//! 5. Watch the clique object and the own pod. On every change: pick the index
+//!    ([`crate::index`]), apply the own row when it differs from what the server has
+//!    ([`crate::clique`]), rewrite the hosts block when the peer mapping changed
+//!    ([`crate::hosts`]), start `nvidia-imex` once the own row is in the mapping, and send it
+//!    SIGUSR1 on later mapping changes. The row's `status` follows the pod's Ready condition.
+//! 6. Restart `nvidia-imex` [`imex::WATCHDOG_DELAY`] after it exits.
+//! 7. On SIGTERM (or SIGINT): stop `nvidia-imex` and remove the own row, both within
+//!    [`SHUTDOWN_BUDGET`], log the conflict count, exit 0.
+//!
+//! Failed applies are retried with capped backoff; nothing here gives up on API errors,
+//! because the pod's probes, not this loop, decide when the daemon is broken.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use futures::{Stream, StreamExt as _};
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::{WatchStreamExt as _, watcher};
+use kube::{Api, Client};
+use nvdra_api::names::labels;
+use nvdra_api::{ComputeDomainClique, ComputeDomainDaemonInfo, Readiness};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::time::Instant;
+
+use crate::Error;
+use crate::args::DaemonArgs;
+use crate::clique::{self, Membership};
+use crate::error::chain;
+use crate::hosts::{self, Mapping};
+use crate::imex::{self, Imex};
+use crate::{config, index, rootfs};
+
+/// Everything that happens after SIGTERM must fit in this (upstream: entry removed within
+/// 10 s; the pod's grace period is longer).
+pub const SHUTDOWN_BUDGET: Duration = Duration::from_secs(10);
+/// How long `nvidia-imex` gets to exit after SIGTERM before SIGKILL.
+pub const IMEX_STOP_GRACE: Duration = Duration::from_secs(5);
+/// Bounds of the retry delay after a failed apply.
+pub const APPLY_BACKOFF: (Duration, Duration) =
+    (Duration::from_millis(200), Duration::from_secs(10));
+
+/// Runs the daemon until SIGTERM.
+pub async fn run(args: DaemonArgs) -> Result<(), Error> {
+    if args.compute_domain_uuid.is_empty() {
+        return Err(Error::CdiEditsMissing);
+    }
+    require(&args.pod_name, "--pod-name", "POD_NAME")?;
+    require(&args.pod_namespace, "--pod-namespace", "POD_NAMESPACE")?;
+    let mut sigterm = signal(SignalKind::terminate()).map_err(Error::Signal)?;
+    let mut sigint = signal(SignalKind::interrupt()).map_err(Error::Signal)?;
+    let client = client(args.kubeconfig.as_deref()).await?;
+    tracing::info!(
+        compute_domain = %args.compute_domain_uuid,
+        name = %args.compute_domain_name,
+        namespace = %args.compute_domain_namespace,
+        clique = %args.clique_id,
+        node = %args.node_name,
+        pod_ip = %args.pod_ip,
+        max_nodes = args.max_nodes,
+        root = %args.container_root.display(),
+        "nvdra-imex-daemon starting"
+    );
+    label_pod(&client, &args).await?;
+
+    if args.clique_id.is_empty() {
+        tracing::info!("no clique ID: not fabric-attached, nothing to run until SIGTERM");
+        tokio::select! {
+            _ = sigterm.recv() => {}
+            _ = sigint.recv() => {}
+        }
+        tracing::info!("exiting");
+        return Ok(());
+    }
+    require(&args.node_name, "--node-name", "NODE_NAME")?;
+    require(&args.pod_ip, "--pod-ip", "POD_IP")?;
+    require(&args.pod_uid, "--pod-uid", "POD_UID")?;
+    let config_path = write_config(&args)?;
+
+    let member = Membership {
+        compute_domain_uid: args.compute_domain_uuid.clone(),
+        clique_id: args.clique_id.clone(),
+        namespace: args.pod_namespace.clone(),
+        node_name: args.node_name.clone(),
+        pod_name: args.pod_name.clone(),
+        pod_uid: args.pod_uid.clone(),
+    };
+    let mut state = State {
+        api: Api::namespaced(client.clone(), &args.pod_namespace),
+        member,
+        pod_ip: args.pod_ip.clone(),
+        max_nodes: args.max_nodes,
+        hosts_path: rootfs::resolve(&args.container_root, Path::new("/etc/hosts")),
+        daemons: Vec::new(),
+        index: None,
+        ready: Readiness::NotReady,
+        conflicts: 0,
+        retry_at: None,
+        backoff: APPLY_BACKOFF.0,
+        written: None,
+        imex: Imex::new(
+            rootfs::resolve(&args.container_root, &args.imex_bin),
+            &config_path,
+        ),
+        restart_at: None,
+    };
+    let mut cliques = clique_events(&state.api, &state.member.object_name()).boxed();
+    let pods: Api<Pod> = Api::namespaced(client, &args.pod_namespace);
+    let mut pod_events = pod_readiness(pods, &args.pod_name).boxed();
+
+    loop {
+        let retry = state.retry_at;
+        let restart = state.restart_at;
+        tokio::select! {
+            _ = sigterm.recv() => { tracing::info!("SIGTERM: leaving the clique"); break }
+            _ = sigint.recv() => { tracing::info!("SIGINT: leaving the clique"); break }
+            Some(daemons) = cliques.next() => {
+                state.daemons = daemons;
+                state.reconcile().await;
+            }
+            Some(ready) = pod_events.next() => {
+                if ready != state.ready {
+                    tracing::info!(status = ready.as_str(), "own pod readiness changed");
+                    state.ready = ready;
+                    state.reconcile().await;
+                }
+            }
+            status = state.imex.exited() => {
+                match status {
+                    Ok(status) => tracing::warn!(%status, "nvidia-imex exited; restarting in 1s"),
+                    Err(err) => tracing::warn!(error = %err, "wait for nvidia-imex; restarting in 1s"),
+                }
+                state.restart_at = Some(Instant::now() + imex::WATCHDOG_DELAY);
+            }
+            () = sleep_until(retry) => {
+                state.retry_at = None;
+                state.reconcile().await;
+            }
+            () = sleep_until(restart) => {
+                state.restart_at = None;
+                state.start_imex();
+            }
+        }
+    }
+    state.shutdown().await;
+    Ok(())
+}
+
+fn require(value: &str, flag: &'static str, env: &'static str) -> Result<(), Error> {
+    if value.is_empty() {
+        Err(Error::MissingSetting { flag, env })
+    } else {
+        Ok(())
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn client(kubeconfig: Option<&Path>) -> Result<Client, Error> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let file = kube::config::Kubeconfig::read_from(path).map_err(Error::LoadKubeconfig)?;
+            kube::Config::from_custom_kubeconfig(file, &Default::default())
+                .await
+                .map_err(Error::LoadKubeconfig)?
+        }
+        None => kube::Config::infer().await.map_err(Error::InferConfig)?,
+    };
+    Client::try_from(config).map_err(Error::BuildClient)
+}
+
+/// The own pod carries its clique ID (empty included) so cliques' pods can be selected.
+async fn label_pod(client: &Client, args: &DaemonArgs) -> Result<(), Error> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &args.pod_namespace);
+    let body = serde_json::json!({
+        "metadata": {"labels": {labels::COMPUTE_DOMAIN_CLIQUE_ID: args.clique_id}}
+    });
+    pods.patch(
+        &args.pod_name,
+        &PatchParams::default(),
+        &Patch::Merge(&body),
+    )
+    .await
+    .map_err(|source| Error::LabelPod {
+        namespace: args.pod_namespace.clone(),
+        name: args.pod_name.clone(),
+        source,
+    })?;
+    tracing::info!(pod = %args.pod_name, clique = %args.clique_id, "labelled own pod");
+    Ok(())
+}
+
+/// Writes `imexd.cfg` and `nodes.cfg`; returns the container path of `imexd.cfg`.
+fn write_config(args: &DaemonArgs) -> Result<String, Error> {
+    let root = &args.container_root;
+    let dir = &args.config_dir;
+    let nodes_path = dir.join("nodes.cfg");
+    let template_path = rootfs::resolve(root, &dir.join("imexd.cfg.tmpl"));
+    let (template, source) = match std::fs::read_to_string(&template_path) {
+        Ok(text) => (text, template_path),
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => (
+            config::BUILTIN_TEMPLATE.to_owned(),
+            PathBuf::from("<built-in>"),
+        ),
+        Err(source) => {
+            return Err(Error::ReadFile {
+                path: template_path,
+                source,
+            });
+        }
+    };
+    let rendered =
+        config::render(&template, &args.pod_ip, &nodes_path.to_string_lossy()).map_err(|err| {
+            Error::RenderTemplate {
+                path: source.clone(),
+                source: err,
+            }
+        })?;
+    let config_path = dir.join("imexd.cfg");
+    write(&rootfs::resolve(root, &config_path), &rendered)?;
+    write(
+        &rootfs::resolve(root, &nodes_path),
+        &config::nodes_cfg(args.max_nodes),
+    )?;
+    tracing::info!(template = %source.display(), "wrote IMEX config and nodes.cfg");
+    Ok(config_path.to_string_lossy().into_owned())
+}
+
+fn write(path: &Path, text: &str) -> Result<(), Error> {
+    std::fs::write(path, text).map_err(|source| Error::WriteFile {
+        path: path.to_owned(),
+        source,
+    })
+}
+
+/// The rows of the clique object, on every change (empty while it does not exist).
+///
+/// A (re)list is reported once complete, so the first rows seen are the server's full view
+/// and not the empty list a relist starts from (acting on that would pick an index already
+/// held by a peer).
+fn clique_events(
+    api: &Api<ComputeDomainClique>,
+    name: &str,
+) -> impl Stream<Item = Vec<ComputeDomainDaemonInfo>> + use<> {
+    let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
+    watcher(api.clone(), config)
+        .default_backoff()
+        .scan(
+            None,
+            |listing: &mut Option<Vec<ComputeDomainDaemonInfo>>, event| {
+                let out = match event {
+                    Ok(watcher::Event::Init) => {
+                        *listing = Some(Vec::new());
+                        None
+                    }
+                    Ok(watcher::Event::InitApply(c)) => {
+                        *listing = Some(c.spec.daemons);
+                        None
+                    }
+                    Ok(watcher::Event::InitDone) => Some(listing.take().unwrap_or_default()),
+                    Ok(watcher::Event::Apply(c)) => Some(c.spec.daemons),
+                    Ok(watcher::Event::Delete(_)) => Some(Vec::new()),
+                    Err(err) => {
+                        tracing::warn!(error = %chain(&err), "clique watch");
+                        None
+                    }
+                };
+                // `Some(_)` keeps the stream going; the inner option says whether to report.
+                std::future::ready(Some(out))
+            },
+        )
+        .filter_map(std::future::ready)
+}
+
+/// The own pod's readiness, on every change of the pod.
+fn pod_readiness(api: Api<Pod>, name: &str) -> impl Stream<Item = Readiness> + use<> {
+    let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
+    watcher(api, config)
+        .default_backoff()
+        .applied_objects()
+        .filter_map(|pod| async move {
+            match pod {
+                Ok(pod) => Some(readiness(&pod)),
+                Err(err) => {
+                    tracing::warn!(error = %chain(&err), "own pod watch");
+                    None
+                }
+            }
+        })
+}
+
+/// `Ready` iff the pod's Ready condition is `True`.
+pub fn readiness(pod: &Pod) -> Readiness {
+    let ready = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+    if ready {
+        Readiness::Ready
+    } else {
+        Readiness::NotReady
+    }
+}
+
+/// The row this daemon should have, given the rows it last saw.
+pub fn desired_row(
+    daemons: &[ComputeDomainDaemonInfo],
+    member: &Membership,
+    pod_ip: &str,
+    remembered: Option<u32>,
+    ready: Readiness,
+    max_nodes: u32,
+) -> Option<ComputeDomainDaemonInfo> {
+    let current = index::own(daemons, &member.node_name).or(remembered);
+    let index = index::choose(daemons, &member.node_name, current, max_nodes)?;
+    Some(ComputeDomainDaemonInfo {
+        node_name: member.node_name.clone(),
+        ip_address: pod_ip.to_owned(),
+        clique_id: member.clique_id.clone(),
+        index: i64::from(index),
+        status: ready,
+    })
+}
+
+struct State {
+    api: Api<ComputeDomainClique>,
+    member: Membership,
+    pod_ip: String,
+    max_nodes: u32,
+    hosts_path: PathBuf,
+    /// Rows as last seen (watch event or apply response).
+    daemons: Vec<ComputeDomainDaemonInfo>,
+    /// The index last applied, kept for when the row is missing from a stale view.
+    index: Option<u32>,
+    ready: Readiness,
+    conflicts: u64,
+    retry_at: Option<Instant>,
+    backoff: Duration,
+    /// The hosts block as last written.
+    written: Option<Vec<Mapping>>,
+    imex: Imex,
+    restart_at: Option<Instant>,
+}
+
+impl State {
+    async fn reconcile(&mut self) {
+        self.publish().await;
+        self.follow_peers().await;
+    }
+
+    /// Applies the own row if the server's copy differs from the desired one.
+    async fn publish(&mut self) {
+        let Some(row) = desired_row(
+            &self.daemons,
+            &self.member,
+            &self.pod_ip,
+            self.index,
+            self.ready,
+            self.max_nodes,
+        ) else {
+            tracing::warn!(
+                max_nodes = self.max_nodes,
+                "no free index in the clique; waiting for one"
+            );
+            return;
+        };
+        let have = self.daemons.iter().find(|d| d.node_name == row.node_name);
+        if have == Some(&row) {
+            return;
+        }
+        match self.member.apply(&self.api, Some(&row)).await {
+            Ok(clique) => {
+                tracing::info!(
+                    index = row.index,
+                    status = row.status.as_str(),
+                    "applied own clique row"
+                );
+                self.index = u32::try_from(row.index).ok();
+                self.daemons = clique.spec.daemons;
+                self.backoff = APPLY_BACKOFF.0;
+            }
+            Err(err) => {
+                if clique::is_conflict(&err) {
+                    self.conflicts += 1;
+                    tracing::warn!(error = %chain(&err), "clique apply conflicts={}", self.conflicts);
+                } else {
+                    tracing::warn!(error = %chain(&err), "apply own clique row");
+                }
+                self.retry_at = Some(Instant::now() + self.backoff);
+                self.backoff = (self.backoff * 2).min(APPLY_BACKOFF.1);
+            }
+        }
+    }
+
+    /// Rewrites the hosts block and starts or signals `nvidia-imex` when the mapping changed.
+    async fn follow_peers(&mut self) {
+        let mappings = hosts::mappings(&self.daemons, &self.member.clique_id, self.max_nodes);
+        if self.written.as_ref() == Some(&mappings) {
+            return;
+        }
+        let existing = match std::fs::read_to_string(&self.hosts_path) {
+            Ok(text) => text,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(source) => {
+                let err = Error::ReadFile {
+                    path: self.hosts_path.clone(),
+                    source,
+                };
+                tracing::warn!(error = %chain(&err), "update hosts");
+                self.retry_at.get_or_insert(Instant::now() + self.backoff);
+                return;
+            }
+        };
+        // Written in place, not renamed over: in a container /etc/hosts is a bind mount.
+        if let Err(err) = write(&self.hosts_path, &hosts::rewrite(&existing, &mappings)) {
+            tracing::warn!(error = %chain(&err), "update hosts");
+            self.retry_at.get_or_insert(Instant::now() + self.backoff);
+            return;
+        }
+        let peers: Vec<String> = mappings
+            .iter()
+            .map(|m| format!("{}={}", m.name, m.ip))
+            .collect();
+        tracing::info!(peers = %peers.join(", "), "updated IMEX peer names in /etc/hosts");
+        let first = self.written.is_none();
+        self.written = Some(mappings);
+        let joined = self.written.iter().flatten().any(|m| m.ip == self.pod_ip);
+        if self.imex.running() {
+            if !first {
+                self.imex.signal("USR1").await;
+            }
+        } else if joined && self.restart_at.is_none() {
+            self.start_imex();
+        }
+    }
+
+    fn start_imex(&mut self) {
+        if let Err(err) = self.imex.start() {
+            tracing::warn!(error = %chain(&err), "nvidia-imex did not start; retrying in 1s");
+            self.restart_at = Some(Instant::now() + imex::WATCHDOG_DELAY);
+        }
+    }
+
+    /// Stops `nvidia-imex` and removes the own row, concurrently, within the budget.
+    async fn shutdown(mut self) {
+        let deadline = Instant::now() + SHUTDOWN_BUDGET;
+        let leave = async {
+            let mut backoff = APPLY_BACKOFF.0;
+            loop {
+                match self.member.apply(&self.api, None).await {
+                    Ok(_) => {
+                        tracing::info!("removed own clique row");
+                        return;
+                    }
+                    Err(err) => {
+                        if clique::is_conflict(&err) {
+                            self.conflicts += 1;
+                        }
+                        tracing::warn!(error = %chain(&err), "remove own clique row");
+                    }
+                }
+                if Instant::now() + backoff >= deadline {
+                    tracing::warn!("gave up removing own clique row");
+                    return;
+                }
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(2));
+            }
+        };
+        let stop = self.imex.stop(IMEX_STOP_GRACE);
+        let _ = tokio::time::timeout_at(deadline, async { tokio::join!(leave, stop) }).await;
+        tracing::info!("clique apply conflicts={}", self.conflicts);
+        tracing::info!("exiting");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::core::v1::{PodCondition, PodStatus};
+    use pretty_assertions::assert_eq;
+
+    fn member(node: &str) -> Membership {
+        Membership {
+            compute_domain_uid: "cd".into(),
+            clique_id: "c".into(),
+            namespace: "ns".into(),
+            node_name: node.into(),
+            pod_name: "p".into(),
+            pod_uid: "u".into(),
+        }
+    }
+
+    fn row(node: &str, index: i64, status: Readiness) -> ComputeDomainDaemonInfo {
+        ComputeDomainDaemonInfo {
+            node_name: node.into(),
+            ip_address: format!("10.0.0.{}", index + 1),
+            clique_id: "c".into(),
+            index,
+            status,
+        }
+    }
+
+    #[test]
+    fn desired_row_keeps_the_servers_index_and_follows_readiness() {
+        let seen = vec![
+            row("n1", 0, Readiness::Ready),
+            row("n2", 2, Readiness::NotReady),
+        ];
+        let got = desired_row(&seen, &member("n2"), "10.0.0.3", None, Readiness::Ready, 18);
+        assert_eq!(got, Some(row("n2", 2, Readiness::Ready)));
+        // The row is missing from a stale view: the remembered index is kept.
+        let got = desired_row(
+            &seen[..1],
+            &member("n2"),
+            "10.0.0.3",
+            Some(2),
+            Readiness::NotReady,
+            18,
+        );
+        assert_eq!(got, Some(row("n2", 2, Readiness::NotReady)));
+        // A newcomer fills the gap.
+        let got = desired_row(
+            &seen,
+            &member("n3"),
+            "10.0.0.2",
+            None,
+            Readiness::NotReady,
+            18,
+        );
+        assert_eq!(got, Some(row("n3", 1, Readiness::NotReady)));
+        assert_eq!(
+            desired_row(
+                &seen,
+                &member("n3"),
+                "10.0.0.9",
+                None,
+                Readiness::NotReady,
+                2
+            )
+            .map(|r| r.index),
+            Some(1)
+        );
+        assert_eq!(
+            desired_row(
+                &seen,
+                &member("n3"),
+                "10.0.0.9",
+                None,
+                Readiness::NotReady,
+                1
+            ),
+            None
+        );
+    }
+
+    #[test]
+    fn readiness_reads_the_ready_condition() {
+        let pod = |conditions: Option<Vec<(&str, &str)>>| Pod {
+            status: Some(PodStatus {
+                conditions: conditions.map(|c| {
+                    c.into_iter()
+                        .map(|(t, s)| PodCondition {
+                            type_: t.into(),
+                            status: s.into(),
+                            ..Default::default()
+                        })
+                        .collect()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let cases = [
+            (None, Readiness::NotReady),
+            (Some(vec![("Ready", "True")]), Readiness::Ready),
+            (
+                Some(vec![("Ready", "False"), ("ContainersReady", "True")]),
+                Readiness::NotReady,
+            ),
+            (Some(vec![("ContainersReady", "True")]), Readiness::NotReady),
+        ];
+        for (conditions, want) in cases {
+            assert_eq!(readiness(&pod(conditions.clone())), want, "{conditions:?}");
+        }
+    }
+
+    #[test]
+    fn write_config_renders_the_template_or_the_builtin() {
+        use clap::Parser as _;
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("imexd")).unwrap();
+        let args = crate::args::Args::try_parse_from([
+            "d".as_ref(),
+            "run".as_ref(),
+            "--pod-ip=127.1.3.2".as_ref(),
+            "--max-nodes-per-imex-domain=2".as_ref(),
+            std::ffi::OsStr::new("--container-root"),
+            dir.path().as_os_str(),
+        ])
+        .unwrap()
+        .daemon;
+        assert_eq!(write_config(&args).unwrap(), "/imexd/imexd.cfg");
+        let cfg = std::fs::read_to_string(dir.path().join("imexd/imexd.cfg")).unwrap();
+        assert!(
+            cfg.contains("IMEX_CMD_BIND_INTERFACE_IP=127.1.3.2\n"),
+            "{cfg}"
+        );
+        assert!(
+            cfg.contains("IMEX_NODE_CONFIG_FILE=/imexd/nodes.cfg\n"),
+            "{cfg}"
+        );
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("imexd/nodes.cfg")).unwrap(),
+            "compute-domain-daemon-0000\ncompute-domain-daemon-0001\n"
+        );
+        std::fs::write(
+            dir.path().join("imexd/imexd.cfg.tmpl"),
+            "A={{ .IMEXCmdBindInterfaceIP }}\nB={{.IMEXDaemonNodesConfigPath}}\n",
+        )
+        .unwrap();
+        write_config(&args).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("imexd/imexd.cfg")).unwrap(),
+            "A=127.1.3.2\nB=/imexd/nodes.cfg\n"
+        );
+        std::fs::write(dir.path().join("imexd/imexd.cfg.tmpl"), "A={{.X}}\n").unwrap();
+        assert_eq!(
+            chain(&write_config(&args).unwrap_err()),
+            format!(
+                "render {}/imexd/imexd.cfg.tmpl: unknown placeholder {{{{.X}}}}",
+                dir.path().display()
+            )
+        );
+    }
+}
