@@ -50,6 +50,12 @@ pub struct Args {
     #[arg(long, env = "NVDRA_EMU_HEARTBEAT_INTERVAL", value_name = "DURATION",
           default_value = "10s", value_parser = parse_duration)]
     pub heartbeat_interval: Duration,
+
+    /// A /24 pod network (e.g. `127.1.3.0/24`): the node's InternalIP is `.1` and each pod
+    /// gets the lowest free address from `.2`. Unset: everything uses 127.0.0.1.
+    #[arg(long, env = "NVDRA_EMU_POD_CIDR", value_name = "A.B.C.0/24",
+          value_parser = crate::ipam::parse_pod_cidr)]
+    pub pod_cidr: Option<crate::ipam::PodCidr>,
 }
 
 /// Resource name → quantity, defaults merged under the given entries.
@@ -225,5 +231,18 @@ mod tests {
         assert_eq!(args.local_images.len(), 1);
         assert_eq!(args.heartbeat_interval, Duration::from_secs(1));
         assert_eq!(args.capacity, parse_capacity("").unwrap());
+        assert_eq!(args.pod_cidr, None);
+        let with_cidr = Args::try_parse_from([
+            "emu",
+            "--kubeconfig=/k",
+            "--node-name=n",
+            "--root-dir=/r",
+            "--pod-cidr=127.1.3.0/24",
+        ])
+        .unwrap();
+        assert_eq!(
+            with_cidr.pod_cidr.map(|c| c.to_string()).as_deref(),
+            Some("127.1.3.0/24")
+        );
     }
 }

@@ -7,15 +7,17 @@
 //! to nothing, so a plugin that returns IDs without writing specs is caught
 //! before a pod would be marked Running. Unreadable or malformed spec files
 //! are errors rather than skipped: in a test cluster they are plugin bugs.
+//! [`edits`] collects what a runtime would apply (env, mounts, device nodes)
+//! for the pod's record and its local containers' private roots.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::Error;
 
-/// The part of a CDI spec that resolution and env injection need; other
+/// The part of a CDI spec that resolution and container edits need; other
 /// fields are ignored.
 #[derive(Debug, Deserialize)]
 struct SpecHead {
@@ -37,6 +39,52 @@ struct DeviceHead {
 struct EditsHead {
     #[serde(default)]
     env: Vec<String>,
+    #[serde(default)]
+    mounts: Vec<Mount>,
+    #[serde(default, rename = "deviceNodes")]
+    device_nodes: Vec<DeviceNode>,
+}
+
+/// A CDI `mounts` entry (options and type are not needed here).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Mount {
+    /// Path on the host.
+    pub host_path: String,
+    /// Path in the container.
+    pub container_path: String,
+}
+
+/// A CDI `deviceNodes` entry (type, numbers and permissions are not needed here).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeviceNode {
+    /// Path in the container.
+    pub path: String,
+    /// Path on the host, when it differs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_path: Option<String>,
+}
+
+/// What a container runtime would add to a container for a list of CDI devices. Serialized
+/// as the per-pod record `container-edits.json` that tests read.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ContainerEdits {
+    /// `KEY=VALUE` entries; later ones win.
+    pub env: Vec<String>,
+    /// Bind mounts.
+    pub mounts: Vec<Mount>,
+    /// Device nodes.
+    pub device_nodes: Vec<DeviceNode>,
+}
+
+impl ContainerEdits {
+    fn extend(&mut self, edits: &EditsHead) {
+        self.env.extend(edits.env.iter().cloned());
+        self.mounts.extend(edits.mounts.iter().cloned());
+        self.device_nodes.extend(edits.device_nodes.iter().cloned());
+    }
 }
 
 /// Splits `vendor/class=name` into (`vendor/class`, `name`).
@@ -77,13 +125,12 @@ pub fn resolve(dir: &Path, ids: &[String]) -> Result<BTreeMap<String, PathBuf>, 
     }
 }
 
-/// The `KEY=VALUE` env edits a container runtime would inject for `ids`:
-/// for each device in order, its spec's spec-level `containerEdits.env`
-/// (once per spec, the first time one of its devices appears), then the
-/// device's own. Later entries win when the caller applies them in order.
-pub fn env(dir: &Path, ids: &[String]) -> Result<Vec<String>, Error> {
+/// The container edits a container runtime would apply for `ids`: for each device in order,
+/// its spec's spec-level `containerEdits` (once per spec, the first time one of its devices
+/// appears), then the device's own. Later env entries win when applied in order.
+pub fn edits(dir: &Path, ids: &[String]) -> Result<ContainerEdits, Error> {
     let specs = load(dir)?;
-    let mut out = Vec::new();
+    let mut out = ContainerEdits::default();
     let mut seen_specs = Vec::new();
     let mut unresolved = Vec::new();
     for id in ids {
@@ -100,9 +147,9 @@ pub fn env(dir: &Path, ids: &[String]) -> Result<Vec<String>, Error> {
         };
         if !seen_specs.contains(&i) {
             seen_specs.push(i);
-            out.extend(spec.container_edits.env.iter().cloned());
+            out.extend(&spec.container_edits);
         }
-        out.extend(device.container_edits.env.iter().cloned());
+        out.extend(&device.container_edits);
     }
     if unresolved.is_empty() {
         Ok(out)
@@ -112,6 +159,11 @@ pub fn env(dir: &Path, ids: &[String]) -> Result<Vec<String>, Error> {
             ids: unresolved,
         })
     }
+}
+
+/// The `KEY=VALUE` env edits of [`edits`].
+pub fn env(dir: &Path, ids: &[String]) -> Result<Vec<String>, Error> {
+    edits(dir, ids).map(|e| e.env)
 }
 
 fn load(dir: &Path) -> Result<Vec<(PathBuf, SpecHead)>, Error> {
@@ -260,6 +312,61 @@ mod tests {
             let want = want.clone().map(ids);
             assert_eq!(got, want, "ids {given:?}");
         }
+    }
+
+    #[test]
+    fn edits_collect_mounts_and_device_nodes_from_spec_and_device() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("base.yaml"),
+            "cdiVersion: 0.6.0\nkind: k8s.compute-domain.nvidia.com/device\ncontainerEdits:\n  env: [NVIDIA_VISIBLE_DEVICES=void]\n  mounts:\n  - hostPath: /drv/usr/bin/nvidia-imex\n    containerPath: /usr/bin/nvidia-imex\n    options: [ro, nosuid, nodev, bind]\ndevices:\n- name: all\n  containerEdits: {}\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("claim.yaml"),
+            "cdiVersion: 0.6.0\nkind: k8s.compute-domain.nvidia.com/claim\ndevices:\n- name: u1-channel-0\n  containerEdits:\n    deviceNodes:\n    - path: /dev/nvidia-caps-imex-channels/channel3\n      type: c\n      major: 234\n      minor: 3\n- name: u2-daemon-0\n  containerEdits:\n    env: [CLIQUE_ID=c.1]\n    mounts:\n    - {hostPath: /plugins/domains/cd, containerPath: /imexd}\n    deviceNodes:\n    - {path: /dev/nvidia-caps/nvidia-cap7, hostPath: /dev/nvidia-caps/nvidia-cap7}\n",
+        )
+        .unwrap();
+        let got = edits(
+            dir.path(),
+            &ids(&[
+                "k8s.compute-domain.nvidia.com/claim=u2-daemon-0",
+                "k8s.compute-domain.nvidia.com/device=all",
+                "k8s.compute-domain.nvidia.com/claim=u1-channel-0",
+            ]),
+        )
+        .unwrap();
+        let mount = |h: &str, c: &str| Mount {
+            host_path: h.into(),
+            container_path: c.into(),
+        };
+        assert_eq!(
+            got,
+            ContainerEdits {
+                env: ids(&["CLIQUE_ID=c.1", "NVIDIA_VISIBLE_DEVICES=void"]),
+                mounts: vec![
+                    mount("/plugins/domains/cd", "/imexd"),
+                    mount("/drv/usr/bin/nvidia-imex", "/usr/bin/nvidia-imex"),
+                ],
+                device_nodes: vec![
+                    DeviceNode {
+                        path: "/dev/nvidia-caps/nvidia-cap7".into(),
+                        host_path: Some("/dev/nvidia-caps/nvidia-cap7".into()),
+                    },
+                    DeviceNode {
+                        path: "/dev/nvidia-caps-imex-channels/channel3".into(),
+                        host_path: None,
+                    },
+                ],
+            }
+        );
+        assert_eq!(
+            serde_json::to_value(&got).unwrap()["deviceNodes"],
+            serde_json::json!([
+                {"path": "/dev/nvidia-caps/nvidia-cap7", "hostPath": "/dev/nvidia-caps/nvidia-cap7"},
+                {"path": "/dev/nvidia-caps-imex-channels/channel3"},
+            ])
+        );
     }
 
     #[test]

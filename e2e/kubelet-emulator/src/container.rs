@@ -25,6 +25,7 @@ use k8s_openapi::jiff::Timestamp;
 use tokio::sync::{mpsc, watch};
 
 use crate::args::LocalImage;
+use crate::ipam::Addresses;
 
 /// Restart backoff bounds for crashed containers (shorter than the kubelet's
 /// 10 s..5 min so e2e runs stay fast).
@@ -67,8 +68,9 @@ pub fn program(
     Ok((bin_dir.join(base), rest))
 }
 
-/// The value of a downward-API `fieldRef` for this emulator's pods.
-pub fn field_ref(pod: &Pod, path: &str) -> Result<String, String> {
+/// The value of a downward-API `fieldRef` for this emulator's pods; `ips` are the pod's
+/// addresses.
+pub fn field_ref(pod: &Pod, path: &str, ips: &Addresses) -> Result<String, String> {
     let meta = &pod.metadata;
     let spec = pod.spec.as_ref();
     let map_key = |prefix: &str| {
@@ -81,7 +83,8 @@ pub fn field_ref(pod: &Pod, path: &str) -> Result<String, String> {
         "metadata.uid" => meta.uid.clone(),
         "spec.nodeName" => spec.and_then(|s| s.node_name.clone()),
         "spec.serviceAccountName" => spec.and_then(|s| s.service_account_name.clone()),
-        "status.podIP" | "status.hostIP" => Some(crate::podstatus::POD_IP.to_owned()),
+        "status.podIP" => Some(ips.pod.clone()),
+        "status.hostIP" => Some(ips.host.clone()),
         _ => {
             if let Some(key) = map_key("metadata.labels['") {
                 meta.labels.as_ref().and_then(|m| m.get(key).cloned())
@@ -101,6 +104,7 @@ pub fn container_env(
     pod: &Pod,
     container: &Container,
     cdi_env: &[String],
+    ips: &Addresses,
 ) -> Result<Vec<(String, String)>, String> {
     let name = &container.name;
     if container.env_from.as_ref().is_some_and(|e| !e.is_empty()) {
@@ -127,7 +131,7 @@ pub fn container_env(
                     None
                 };
                 match (source, &from.field_ref) {
-                    (None, Some(field)) => field_ref(pod, &field.field_path)
+                    (None, Some(field)) => field_ref(pod, &field.field_path, ips)
                         .map_err(|e| format!("container {name}: env {}: {e}", var.name))?,
                     (Some(source), _) => {
                         return Err(format!(
@@ -642,6 +646,10 @@ mod tests {
             &pod(),
             &container,
             &["NVIDIA_VISIBLE_DEVICES=0,1".into(), "FLAG".into()],
+            &Addresses {
+                host: "127.1.3.1".into(),
+                pod: "127.1.3.2".into(),
+            },
         )
         .unwrap();
         let want: Vec<(String, String)> = [
@@ -651,8 +659,8 @@ mod tests {
             ("UID", "u-1"),
             ("NODE", "node-a"),
             ("SA", "sa"),
-            ("POD_IP", "127.0.0.1"),
-            ("HOST_IP", "127.0.0.1"),
+            ("POD_IP", "127.1.3.2"),
+            ("HOST_IP", "127.1.3.1"),
             ("APP", "x"),
             ("ANN", "y"),
             ("MISSING", ""),
@@ -695,7 +703,10 @@ mod tests {
                 env: Some(vec![var]),
                 ..Default::default()
             };
-            assert_eq!(container_env(&pod(), &container, &[]), Err(want.to_owned()));
+            assert_eq!(
+                container_env(&pod(), &container, &[], &Addresses::loopback()),
+                Err(want.to_owned())
+            );
         }
     }
 

@@ -6,7 +6,8 @@
 //! `plugins_registry` directory, [`pods`] runs each bound pod's lifecycle
 //! (claims via [`claims`], [`dra::DraClient`] prepare/unprepare, CDI checks
 //! via [`cdi`], local processes via [`container`], status via
-//! [`podstatus`], events via [`events`]), and [`run`] ties them together.
+//! [`podstatus`], events via [`events`], pod addresses via [`ipam`], container
+//! roots via [`rootfs`]), and [`run`] ties them together.
 //!
 //! Everything plugin-facing is a client: the plugin under test owns its
 //! sockets and spec files; the emulator only reads them.
@@ -18,11 +19,14 @@ pub mod container;
 pub mod dra;
 pub mod error;
 pub mod events;
+pub mod identity;
+pub mod ipam;
 pub mod node;
 pub mod plugins;
 pub mod pods;
 pub mod podstatus;
 pub mod registry;
+pub mod rootfs;
 pub mod run;
 
 pub use error::Error;

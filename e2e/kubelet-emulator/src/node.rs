@@ -62,6 +62,7 @@ pub fn labels(node: &str, extra: &[(String, String)]) -> BTreeMap<String, String
 /// `lastTransitionTime` from `current` when their status is unchanged.
 pub fn status_patch(
     node: &str,
+    internal_ip: &str,
     capacity: &Capacity,
     current: Option<&NodeStatus>,
     now: Timestamp,
@@ -94,7 +95,7 @@ pub fn status_patch(
                 condition("Ready", "True", "KubeletReady", "kubelet is posting ready status"),
             ],
             "addresses": [
-                {"type": "InternalIP", "address": crate::podstatus::POD_IP},
+                {"type": "InternalIP", "address": internal_ip},
                 {"type": "Hostname", "address": node},
             ],
             "nodeInfo": {
@@ -157,6 +158,7 @@ fn node_err(action: &'static str, node: &str, source: kube::Error) -> Error {
 pub async fn register(
     client: &Client,
     node: &str,
+    internal_ip: &str,
     extra: &[(String, String)],
     capacity: &Capacity,
 ) -> Result<Option<String>, Error> {
@@ -199,17 +201,18 @@ pub async fn register(
             created
         }
     };
-    post_status(&api, node, capacity, current.status.as_ref()).await?;
+    post_status(&api, node, internal_ip, capacity, current.status.as_ref()).await?;
     Ok(current.metadata.uid)
 }
 
 async fn post_status(
     api: &Api<Node>,
     node: &str,
+    internal_ip: &str,
     capacity: &Capacity,
     current: Option<&NodeStatus>,
 ) -> Result<Node, Error> {
-    let body = status_patch(node, capacity, current, Timestamp::now());
+    let body = status_patch(node, internal_ip, capacity, current, Timestamp::now());
     api.patch_status(node, &PatchParams::default(), &Patch::Merge(&body))
         .await
         .map_err(|e| node_err("patch status of", node, e))
@@ -243,6 +246,7 @@ pub async fn heartbeat(
     client: Client,
     node: String,
     node_uid: Option<String>,
+    internal_ip: String,
     capacity: Capacity,
     interval: Duration,
     mut shutdown: watch::Receiver<bool>,
@@ -255,7 +259,7 @@ pub async fn heartbeat(
             tracing::warn!(error = %crate::plugins::error_chain(&err), "heartbeat");
         }
         if tick.is_multiple_of(STATUS_EVERY) && tick > 0 {
-            match post_status(&api, &node, &capacity, last_status.as_ref()).await {
+            match post_status(&api, &node, &internal_ip, &capacity, last_status.as_ref()).await {
                 Ok(n) => last_status = n.status,
                 Err(err) => {
                     tracing::warn!(error = %crate::plugins::error_chain(&err), "post node status")
@@ -321,7 +325,7 @@ mod tests {
             ]),
             ..Default::default()
         };
-        let got = status_patch("node-a", &capacity, Some(&current), t1);
+        let got = status_patch("node-a", "127.1.3.1", &capacity, Some(&current), t1);
         let status = &got["status"];
         assert_eq!(
             status["capacity"],
@@ -356,7 +360,7 @@ mod tests {
         );
         assert_eq!(
             status["addresses"],
-            serde_json::json!([{"type": "InternalIP", "address": "127.0.0.1"}, {"type": "Hostname", "address": "node-a"}])
+            serde_json::json!([{"type": "InternalIP", "address": "127.1.3.1"}, {"type": "Hostname", "address": "node-a"}])
         );
         assert_eq!(status["nodeInfo"]["kubeletVersion"], "v1.37.2");
         assert_eq!(

@@ -34,9 +34,11 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinSet;
 
 use crate::args::LocalImage;
+use crate::cdi::ContainerEdits;
 use crate::claims::{self, ClaimCache, ClaimDevices};
 use crate::container::{self, LocalContainer, ProbeSpec, Restart, Update};
 use crate::events::{self, Recorder};
+use crate::ipam::{Addresses, IpPool};
 use crate::plugins::{Plugins, error_chain};
 use crate::podstatus::{self, ContainerView, PodFailure, RunState, Terminated};
 
@@ -48,6 +50,9 @@ pub const WAIT_BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Dura
 pub const MAX_GRACE: Duration = Duration::from_secs(30);
 /// Name of the per-pod record of prepared CDI devices.
 pub const CDI_RECORD: &str = "cdi-devices.json";
+/// Name of the per-pod record of the container edits (env, mounts, device nodes) the pod's
+/// CDI devices give its containers; written for every pod, local or not.
+pub const EDITS_RECORD: &str = "container-edits.json";
 
 /// What every pod task shares.
 pub struct Node {
@@ -65,6 +70,11 @@ pub struct Node {
     pub plugins: Arc<Plugins>,
     /// Claim users.
     pub claims: ClaimCache,
+    /// Pod addresses.
+    pub ips: IpPool,
+    /// The API server as a kubeconfig `cluster` entry, for the credentials
+    /// of pods run as local processes.
+    pub api_cluster: serde_json::Value,
     /// Event recorder.
     pub events: Recorder,
     /// Turns true on SIGTERM/SIGINT.
@@ -148,6 +158,10 @@ pub async fn run(node: Arc<Node>) {
                 let Some(uid) = pod.metadata.uid.clone() else {
                     continue;
                 };
+                if !workers.contains_key(&uid) {
+                    // Before any worker assigns: a running pod keeps its address.
+                    node.ips.reserve(&pod);
+                }
                 if let Some(listed) = &mut listed {
                     listed.insert(uid.clone());
                 }
@@ -173,6 +187,7 @@ pub async fn run(node: Arc<Node>) {
                 }
             }
             Some(Ok(watcher::Event::InitDone)) => {
+                node.ips.mark_synced();
                 // Pods missing from a relist were deleted while the watch was down.
                 if let Some(listed) = listed.take() {
                     workers.retain(|uid, tx| {
@@ -219,8 +234,8 @@ enum Step {
 
 /// What a successful prepare produced.
 struct Prepared {
-    /// All CDI IDs of the pod's claims, claims in pod order.
-    cdi_ids: Vec<String>,
+    /// What the pod's CDI devices (claims in pod order) add to its containers.
+    edits: ContainerEdits,
 }
 
 enum PrepareError {
@@ -365,9 +380,9 @@ impl PodWorker {
     async fn prepare(&mut self) -> Result<Prepared, PrepareError> {
         let names = claims::claim_names(&self.pod).map_err(PrepareError::Wait)?;
         if names.is_empty() {
-            return Ok(Prepared {
-                cdi_ids: Vec::new(),
-            });
+            let edits = ContainerEdits::default();
+            self.record_edits(&edits);
+            return Ok(Prepared { edits });
         }
         let ns = self.pod.metadata.namespace.clone().unwrap_or_default();
         let api: Api<ResourceClaim> = Api::namespaced(self.node.client.clone(), &ns);
@@ -460,6 +475,9 @@ impl PodWorker {
         if let Err(err) = crate::cdi::resolve(&self.node.cdi_dir, &cdi_ids) {
             return Err(PrepareError::Fail(error_chain(&err)));
         }
+        let edits = crate::cdi::edits(&self.node.cdi_dir, &cdi_ids)
+            .map_err(|err| PrepareError::Fail(error_chain(&err)))?;
+        self.record_edits(&edits);
         let path = self.dir.join(CDI_RECORD);
         let body = serde_json::to_vec_pretty(&record).unwrap_or_default();
         if let Err(source) = std::fs::write(&path, body) {
@@ -467,7 +485,17 @@ impl PodWorker {
             tracing::warn!(error = %error_chain(&err), "record CDI devices");
         }
         tracing::info!(pod = %key(&self.pod), claims = names.len(), devices = cdi_ids.len(), "prepared dynamic resources");
-        Ok(Prepared { cdi_ids })
+        Ok(Prepared { edits })
+    }
+
+    /// Writes [`EDITS_RECORD`]; a failure is only logged (the record is for tests).
+    fn record_edits(&self, edits: &ContainerEdits) {
+        let path = self.dir.join(EDITS_RECORD);
+        let body = serde_json::to_vec_pretty(edits).unwrap_or_default();
+        if let Err(source) = std::fs::write(&path, body) {
+            let err = crate::Error::WriteFile { path, source };
+            tracing::warn!(error = %error_chain(&err), "record container edits");
+        }
     }
 
     /// Starts local containers and writes the first Running status.
@@ -481,11 +509,36 @@ impl PodWorker {
             .and_then(|s| s.container_statuses.clone())
             .unwrap_or_default();
         let now = Timestamp::now();
-        let cdi_env = if prepared.cdi_ids.is_empty() {
-            Ok(Vec::new())
-        } else {
-            crate::cdi::env(&self.node.cdi_dir, &prepared.cdi_ids).map_err(|e| error_chain(&e))
+        self.node.ips.wait_synced().await;
+        let ips = match self.node.ips.assign(&self.pod) {
+            Ok(ips) => ips,
+            Err(message) => {
+                running.failure = Some(PodFailure {
+                    reason: "FailedCreatePodSandBox".into(),
+                    message,
+                });
+                Addresses::loopback()
+            }
         };
+        running.ips = ips.clone();
+        // Pods run as processes get their ServiceAccount's identity, as the
+        // kubelet's projected token would give it.
+        let any_local = spec.containers.iter().any(|c| {
+            container::local_bin_dir(&self.node.local_images, c.image.as_deref().unwrap_or(""))
+                .is_some()
+        });
+        let mut kubeconfig = None;
+        if any_local && running.failure.is_none() {
+            match self.write_kubeconfig().await {
+                Ok(path) => kubeconfig = path,
+                Err(message) => {
+                    running.failure = Some(PodFailure {
+                        reason: "FailedMount".into(),
+                        message,
+                    })
+                }
+            }
+        }
         let mut locals = Vec::new();
         for c in &spec.containers {
             let image = c.image.clone().unwrap_or_default();
@@ -510,9 +563,10 @@ impl PodWorker {
                     reason: "ContainerCreating".into(),
                     message: None,
                 };
-                let built = cdi_env
-                    .clone()
-                    .and_then(|cdi_env| self.local(c, bin_dir, &cdi_env));
+                let built = match &running.failure {
+                    Some(failure) => Err(failure.message.clone()),
+                    None => self.local(c, bin_dir, &prepared.edits, &ips, kubeconfig.as_deref()),
+                };
                 match built {
                     Ok(local) => locals.push(local),
                     Err(message) => {
@@ -558,13 +612,56 @@ impl PodWorker {
         running
     }
 
+    /// Writes `<pod dir>/kubeconfig` with a token of the pod's
+    /// ServiceAccount; `None` when the pod wants no token.
+    async fn write_kubeconfig(&self) -> Result<Option<PathBuf>, String> {
+        let Some(config) =
+            crate::identity::pod_kubeconfig(&self.node.client, &self.node.api_cluster, &self.pod)
+                .await?
+        else {
+            return Ok(None);
+        };
+        let path = self.dir.join("kubeconfig");
+        let text = serde_json::to_vec_pretty(&config).map_err(|e| e.to_string())?;
+        std::fs::create_dir_all(&self.dir)
+            .and_then(|()| {
+                use std::io::Write;
+                use std::os::unix::fs::OpenOptionsExt;
+                let mut file = std::fs::OpenOptions::new()
+                    .create(true)
+                    .write(true)
+                    .truncate(true)
+                    .mode(0o600)
+                    .open(&path)?;
+                file.write_all(&text)
+            })
+            .map_err(|e| format!("write {}: {e}", path.display()))?;
+        Ok(Some(path))
+    }
+
     fn local(
         &self,
         c: &k8s_openapi::api::core::v1::Container,
         bin_dir: &std::path::Path,
-        cdi_env: &[String],
+        edits: &ContainerEdits,
+        ips: &Addresses,
+        kubeconfig: Option<&std::path::Path>,
     ) -> Result<LocalContainer, String> {
-        let env = container::container_env(&self.pod, c, cdi_env)?;
+        let mut env = container::container_env(&self.pod, c, &edits.env, ips)?;
+        if let Some(path) = kubeconfig
+            && !env.iter().any(|(k, _)| k == "KUBECONFIG")
+        {
+            env.push(("KUBECONFIG".to_owned(), path.display().to_string()));
+        }
+        // The container's private root: what its CDI mounts and device nodes would show.
+        let root = crate::rootfs::path(&self.dir, &c.name);
+        let skipped =
+            crate::rootfs::build(&root, edits).map_err(|e| format!("container {}: {e}", c.name))?;
+        for why in skipped {
+            tracing::warn!(pod = %key(&self.pod), container = %c.name, %why, "container root entry skipped");
+        }
+        env.retain(|(k, _)| k != crate::rootfs::ENV);
+        env.push((crate::rootfs::ENV.to_owned(), root.display().to_string()));
         let command = c.command.clone().unwrap_or_default();
         let args = c.args.clone().unwrap_or_default();
         let (program, args) = container::program(bin_dir, &command, &args)
@@ -592,6 +689,7 @@ impl PodWorker {
             &self.pod,
             &running.views,
             running.failure.as_ref(),
+            &running.ips,
             Timestamp::now(),
         );
         let Some(body) = podstatus::patch(&self.pod, &desired) else {
@@ -689,11 +787,14 @@ impl PodWorker {
         if matches!(end, End::Terminating) {
             self.final_delete().await;
         }
-        let record = self.dir.join(CDI_RECORD);
-        if let Err(err) = std::fs::remove_file(&record)
-            && err.kind() != std::io::ErrorKind::NotFound
-        {
-            tracing::warn!(path = %record.display(), error = %err, "remove CDI record");
+        self.node.ips.release(&self.uid);
+        for name in [CDI_RECORD, EDITS_RECORD] {
+            let record = self.dir.join(name);
+            if let Err(err) = std::fs::remove_file(&record)
+                && err.kind() != std::io::ErrorKind::NotFound
+            {
+                tracing::warn!(path = %record.display(), error = %err, "remove pod record");
+            }
         }
         tracing::info!(pod = %key, "pod finished");
     }
@@ -813,6 +914,8 @@ struct Running {
     tasks: JoinSet<()>,
     stop: watch::Sender<Option<Duration>>,
     dirty: bool,
+    /// The pod's addresses.
+    ips: Addresses,
 }
 
 impl Default for Running {
@@ -824,6 +927,7 @@ impl Default for Running {
             tasks: JoinSet::new(),
             stop: watch::channel(None).0,
             dirty: false,
+            ips: Addresses::loopback(),
         }
     }
 }

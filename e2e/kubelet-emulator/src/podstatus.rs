@@ -15,8 +15,8 @@ use k8s_openapi::api::core::v1::{
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 
-/// The pod and host IP of every pod (all run on the loopback).
-pub const POD_IP: &str = "127.0.0.1";
+/// The pod and host IP of every pod without `--pod-cidr` (all run on the loopback).
+pub const POD_IP: &str = crate::ipam::LOOPBACK;
 
 /// The condition types the emulator owns, in the kubelet's order.
 const OWNED: [&str; 5] = [
@@ -105,11 +105,12 @@ fn time(t: Timestamp) -> Time {
     Time(t)
 }
 
-/// The full status to write for `pod`.
+/// The full status to write for `pod`, which has the addresses `ips`.
 pub fn build(
     pod: &Pod,
     containers: &[ContainerView],
     failure: Option<&PodFailure>,
+    ips: &crate::ipam::Addresses,
     now: Timestamp,
 ) -> PodStatus {
     let current = pod.status.as_ref();
@@ -202,10 +203,14 @@ pub fn build(
         message: failure.map(|f| f.message.clone()),
         conditions: Some(conditions),
         container_statuses: Some(statuses),
-        host_ip: Some(POD_IP.into()),
-        host_ips: Some(vec![HostIP { ip: POD_IP.into() }]),
-        pod_ip: Some(POD_IP.into()),
-        pod_ips: Some(vec![PodIP { ip: POD_IP.into() }]),
+        host_ip: Some(ips.host.clone()),
+        host_ips: Some(vec![HostIP {
+            ip: ips.host.clone(),
+        }]),
+        pod_ip: Some(ips.pod.clone()),
+        pod_ips: Some(vec![PodIP {
+            ip: ips.pod.clone(),
+        }]),
         start_time: Some(
             current
                 .and_then(|s| s.start_time.clone())
@@ -382,7 +387,7 @@ mod tests {
             view("a", true, RunState::Running(ts("2025-01-01T00:00:04Z"))),
             view("b", false, RunState::Running(ts("2025-01-01T00:00:04Z"))),
         ];
-        let status = build(&p, &views, None, now);
+        let status = build(&p, &views, None, &crate::ipam::Addresses::loopback(), now);
         let got = serde_json::to_value(&status).unwrap();
         let want = serde_json::json!({
             "phase": "Running",
@@ -425,7 +430,13 @@ mod tests {
         written["containerStatuses"][0]["lastState"] = serde_json::json!({});
         let written: PodStatus = serde_json::from_value(written).unwrap();
         p.status = Some(written);
-        let again = build(&p, &views, None, ts("2025-01-01T00:01:05Z"));
+        let again = build(
+            &p,
+            &views,
+            None,
+            &crate::ipam::Addresses::loopback(),
+            ts("2025-01-01T00:01:05Z"),
+        );
         assert_eq!(patch(&p, &again), None);
 
         // b turns ready: only the readiness fields change, with new transition times.
@@ -437,7 +448,7 @@ mod tests {
             },
         ];
         let later = ts("2025-01-01T00:02:00Z");
-        let status = build(&p, &ready, None, later);
+        let status = build(&p, &ready, None, &crate::ipam::Addresses::loopback(), later);
         let conditions = status.conditions.clone().unwrap();
         assert_eq!(
             conditions
@@ -458,6 +469,27 @@ mod tests {
             ]
         );
         assert!(patch(&p, &status).is_some());
+
+        // With a pod network the pod shows its own address and the node's.
+        let ips = crate::ipam::Addresses {
+            host: "127.1.3.1".into(),
+            pod: "127.1.3.2".into(),
+        };
+        let status = serde_json::to_value(build(&p, &ready, None, &ips, later)).unwrap();
+        assert_eq!(
+            [
+                &status["hostIP"],
+                &status["hostIPs"],
+                &status["podIP"],
+                &status["podIPs"]
+            ],
+            [
+                &serde_json::json!("127.1.3.1"),
+                &serde_json::json!([{"ip": "127.1.3.1"}]),
+                &serde_json::json!("127.1.3.2"),
+                &serde_json::json!([{"ip": "127.1.3.2"}]),
+            ]
+        );
     }
 
     #[test]
@@ -475,7 +507,13 @@ mod tests {
                 message: Some(failure.message.clone()),
             },
         )];
-        let status = build(&pod(None), &views, Some(&failure), now);
+        let status = build(
+            &pod(None),
+            &views,
+            Some(&failure),
+            &crate::ipam::Addresses::loopback(),
+            now,
+        );
         assert_eq!(
             (
                 status.phase.as_deref(),
@@ -499,7 +537,13 @@ mod tests {
             ("False", Some("PodCompleted"))
         );
 
-        let done = build(&pod(None), &[view("c", false, ended(0))], None, now);
+        let done = build(
+            &pod(None),
+            &[view("c", false, ended(0))],
+            None,
+            &crate::ipam::Addresses::loopback(),
+            now,
+        );
         assert_eq!(done.phase.as_deref(), Some("Succeeded"));
         assert_eq!(
             serde_json::to_value(&done.container_statuses.unwrap()[0].state).unwrap(),

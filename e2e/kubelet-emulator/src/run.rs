@@ -32,16 +32,24 @@ pub const STARTUP_RETRY: Duration = Duration::from_secs(30);
 /// The node root's subdirectories: plugins_registry, plugins, cdi, pods.
 pub const SUBDIRS: [&str; 4] = ["plugins_registry", "plugins", "cdi", "pods"];
 
-async fn client(path: &Path) -> Result<Client, Error> {
+/// The node's client, and the API server's address and CA as a kubeconfig
+/// `cluster` entry (handed on to pods run as local processes).
+async fn client(path: &Path) -> Result<(Client, serde_json::Value), Error> {
     let load = |source| Error::LoadKubeconfig {
         path: path.to_owned(),
         source,
     };
     let kubeconfig = kube::config::Kubeconfig::read_from(path).map_err(load)?;
+    let cluster = kubeconfig
+        .clusters
+        .first()
+        .and_then(|c| c.cluster.as_ref())
+        .and_then(|c| serde_json::to_value(c).ok())
+        .unwrap_or_default();
     let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
         .await
         .map_err(load)?;
-    Client::try_from(config).map_err(Error::BuildClient)
+    Ok((Client::try_from(config).map_err(Error::BuildClient)?, cluster))
 }
 
 fn retryable(err: &Error) -> bool {
@@ -76,10 +84,12 @@ pub async fn run(args: Args) -> Result<(), Error> {
         let path = args.root_dir.join(sub);
         std::fs::create_dir_all(&path).map_err(|source| Error::CreateDir { path, source })?;
     }
-    let client = client(&args.kubeconfig).await?;
+    let (client, api_cluster) = client(&args.kubeconfig).await?;
     let node = args.node_name.clone();
+    let ips = crate::ipam::IpPool::new(args.pod_cidr);
+    let node_ip = ips.node_ip();
     let node_uid = with_retry("register Node", || {
-        node::register(&client, &node, &args.labels, &args.capacity)
+        node::register(&client, &node, &node_ip, &args.labels, &args.capacity)
     })
     .await?;
     with_retry("delete ResourceSlices", || delete_slices(&client, &node)).await?;
@@ -105,6 +115,7 @@ pub async fn run(args: Args) -> Result<(), Error> {
         client.clone(),
         node.clone(),
         node_uid,
+        node_ip.clone(),
         args.capacity.clone(),
         args.heartbeat_interval,
         shutdown.clone(),
@@ -123,9 +134,11 @@ pub async fn run(args: Args) -> Result<(), Error> {
         local_images: args.local_images.clone(),
         plugins,
         claims: ClaimCache::default(),
+        ips,
+        api_cluster,
         shutdown,
     });
-    tracing::info!(node = %node, root = %args.root_dir.display(), "kubelet emulator running");
+    tracing::info!(node = %node, root = %args.root_dir.display(), %node_ip, "kubelet emulator running");
     pods::run(state).await;
     let _ = heartbeat.await;
     let _ = registry.await;
