@@ -78,10 +78,9 @@ pub async fn pod_kubeconfig(
         .create_token_request(&sa, &PostParams::default(), &request)
         .await
         .map_err(|e| format!("request a token for ServiceAccount {ns}/{sa}: {e}"))?;
-    let token = granted
-        .status
-        .map(|s| s.token)
-        .ok_or_else(|| format!("the token request for ServiceAccount {ns}/{sa} returned no token"))?;
+    let token = granted.status.map(|s| s.token).ok_or_else(|| {
+        format!("the token request for ServiceAccount {ns}/{sa} returned no token")
+    })?;
     let user = format!("system:serviceaccount:{ns}:{sa}");
     Ok(Some(kubeconfig(cluster, &user, &token)))
 }
@@ -98,25 +97,39 @@ mod tests {
     fn service_account_defaults_and_opt_out() {
         let cases = [
             (json!({ "containers": [] }), Some("default")),
-            (json!({ "containers": [], "serviceAccountName": "" }), Some("default")),
-            (json!({ "containers": [], "serviceAccountName": "sa" }), Some("sa")),
+            (
+                json!({ "containers": [], "serviceAccountName": "" }),
+                Some("default"),
+            ),
+            (
+                json!({ "containers": [], "serviceAccountName": "sa" }),
+                Some("sa"),
+            ),
             (
                 json!({ "containers": [], "serviceAccountName": "sa", "automountServiceAccountToken": false }),
                 None,
             ),
         ];
         for (spec, want) in cases {
-            assert_eq!(service_account(&pod(spec.clone())).as_deref(), want, "{spec}");
+            assert_eq!(
+                service_account(&pod(spec.clone())).as_deref(),
+                want,
+                "{spec}"
+            );
         }
     }
 
     #[test]
     fn kubeconfig_carries_server_ca_and_token() {
-        let cluster = json!({ "server": "https://127.0.0.1:6443", "certificate-authority-data": "Q0E=" });
+        let cluster =
+            json!({ "server": "https://127.0.0.1:6443", "certificate-authority-data": "Q0E=" });
         let got = kubeconfig(&cluster, "system:serviceaccount:ns:sa", "tok");
         assert_eq!(got["clusters"][0]["cluster"], cluster);
         assert_eq!(got["users"][0]["user"]["token"], "tok");
-        assert_eq!(got["contexts"][0]["context"]["user"], "system:serviceaccount:ns:sa");
+        assert_eq!(
+            got["contexts"][0]["context"]["user"],
+            "system:serviceaccount:ns:sa"
+        );
         assert_eq!(got["current-context"], "pod");
     }
 }

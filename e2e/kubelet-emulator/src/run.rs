@@ -49,7 +49,10 @@ async fn client(path: &Path) -> Result<(Client, serde_json::Value), Error> {
     let config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default())
         .await
         .map_err(load)?;
-    Ok((Client::try_from(config).map_err(Error::BuildClient)?, cluster))
+    Ok((
+        Client::try_from(config).map_err(Error::BuildClient)?,
+        cluster,
+    ))
 }
 
 fn retryable(err: &Error) -> bool {
