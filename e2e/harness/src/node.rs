@@ -177,7 +177,7 @@ pub fn start(tools: &Tools, launch: &NodeLaunch<'_>) -> Result<()> {
 
     let mut emulator: Vec<String> = vec![
         "exec:kubelet".into(),
-        path(&tools.emulator),
+        path(&tools.bin("nvdra-kubelet-emulator")?),
         format!("--kubeconfig={}", launch.node_kubeconfig.display()),
         format!("--node-name={}", launch.spec.name),
         format!("--root-dir={}", dirs.root().display()),
@@ -185,13 +185,11 @@ pub fn start(tools: &Tools, launch: &NodeLaunch<'_>) -> Result<()> {
     for (k, v) in labels(&inventory) {
         emulator.push(format!("--label={k}={v}"));
     }
-    if let Some(bin_dir) = tools.agent.parent() {
-        let repo = nvdra_kubelet_emulator::container::image_repo(launch.image);
-        emulator.push(format!("--local-image={repo}={}", bin_dir.display()));
-    }
+    let repo = nvdra_kubelet_emulator::container::image_repo(launch.image);
+    emulator.push(format!("--local-image={repo}={}", tools.bin_dir.display()));
     let mut agent: Vec<String> = vec![
         "exec:agent".into(),
-        path(&tools.agent),
+        path(&tools.bin("nvdra-agent")?),
         format!("--node-name={}", launch.spec.name),
         "--device-backend=fake".into(),
         format!("--fake-profile={}", launch.spec.profile),

@@ -2,18 +2,19 @@
 //!
 //! Go tools (the control plane, helm) are built by their `build.sh` scripts,
 //! which cache them and print their paths; this module runs those scripts
-//! (an up-to-date build returns at once) unless an environment variable
-//! names the binary. Rust binaries (`nvdra-agent`, `nvdra-kubelet-emulator`)
-//! are taken from the cargo target directory this harness was built into;
-//! a missing one is an error that says how to build it, never a silent skip.
+//! (an up-to-date build returns at once) unless a flag names the binary.
+//! This workspace's binaries (`nvdra-agent`, `nvdra-kubelet-emulator`,
+//! `nvdra-controller`, ...) are taken from the cargo target directory this
+//! harness runs from; a missing one is an error that says how to build it,
+//! never a silent skip.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use anyhow::{Context, Result, bail};
 
-/// Explicit program paths (flags or environment), each overriding the
-/// default way of finding that program.
+/// Explicit program locations (flags or environment), each overriding the
+/// default way of finding them.
 #[derive(Debug, Clone, Default, clap::Args)]
 pub struct ToolPaths {
     /// nvdra-controlplane binary (default: built by e2e/controlplane/build.sh).
@@ -22,12 +23,11 @@ pub struct ToolPaths {
     /// helm binary (default: built by e2e/helm/build.sh).
     #[arg(long, env = "NVDRA_HELM_BIN")]
     pub helm_bin: Option<PathBuf>,
-    /// nvdra-agent binary (default: next to this program in the target dir).
-    #[arg(long, env = "NVDRA_AGENT_BIN")]
-    pub agent_bin: Option<PathBuf>,
-    /// nvdra-kubelet-emulator binary (default: next to this program).
-    #[arg(long, env = "NVDRA_EMULATOR_BIN")]
-    pub emulator_bin: Option<PathBuf>,
+    /// Directory holding this workspace's binaries (nvdra-agent,
+    /// nvdra-kubelet-emulator, ...; default: the cargo target directory this
+    /// program runs from).
+    #[arg(long, env = "NVDRA_BIN_DIR")]
+    pub bin_dir: Option<PathBuf>,
 }
 
 /// Absolute paths of every program a cluster runs.
@@ -38,29 +38,45 @@ pub struct Tools {
     pub controlplane: PathBuf,
     /// helm v3, to render `charts/nvdra` as a user's install would.
     pub helm: PathBuf,
-    /// The node agent under test.
-    pub agent: PathBuf,
-    /// The kubelet emulator that plays each simulated node's kubelet.
-    pub emulator: PathBuf,
+    /// The directory of this workspace's binaries; pods of our image run
+    /// programs from here.
+    pub bin_dir: PathBuf,
 }
 
 impl Tools {
     /// Finds (and for the Go tools, builds when stale) every program.
     pub fn locate(paths: &ToolPaths) -> Result<Self> {
         let root = repo_root();
-        Ok(Self {
+        let bin_dir = match &paths.bin_dir {
+            Some(dir) => dir.clone(),
+            None => target_dir()?,
+        };
+        let tools = Self {
             controlplane: go_tool(
                 paths.controlplane_bin.as_deref(),
                 &root.join("e2e/controlplane/build.sh"),
             )?,
             helm: go_tool(paths.helm_bin.as_deref(), &root.join("e2e/helm/build.sh"))?,
-            agent: rust_bin(paths.agent_bin.as_deref(), "nvdra-agent", "nvdra-agent")?,
-            emulator: rust_bin(
-                paths.emulator_bin.as_deref(),
-                "nvdra-kubelet-emulator",
-                "nvdra-kubelet-emulator",
-            )?,
-        })
+            bin_dir,
+        };
+        // The two every cluster needs, checked up front.
+        tools.bin("nvdra-agent")?;
+        tools.bin("nvdra-kubelet-emulator")?;
+        Ok(tools)
+    }
+
+    /// The workspace binary `name`, or an error saying how to build it.
+    pub fn bin(&self, name: &str) -> Result<PathBuf> {
+        let path = self.bin_dir.join(name);
+        if path.is_file() {
+            Ok(path)
+        } else {
+            bail!(
+                "{} is not built; run `cargo build --bins` for its package \
+                 (scripts/test and scripts/local-cluster do) or pass --bin-dir",
+                path.display()
+            )
+        }
     }
 }
 
@@ -91,25 +107,15 @@ fn go_tool(given: Option<&Path>, script: &Path) -> Result<PathBuf> {
     existing(PathBuf::from(path.trim()), &script.display().to_string())
 }
 
-/// A binary of this workspace: the given path, else next to the running
-/// executable (`target/<profile>/`, or its parent for test binaries in
-/// `target/<profile>/deps/`).
-fn rust_bin(given: Option<&Path>, name: &str, package: &str) -> Result<PathBuf> {
-    if let Some(path) = given {
-        return existing(path.to_owned(), "its flag");
-    }
+/// `target/<profile>/`: the running executable's directory, or its parent
+/// for test binaries in `target/<profile>/deps/`.
+fn target_dir() -> Result<PathBuf> {
     let exe = std::env::current_exe().context("locate the running executable")?;
-    for dir in exe.ancestors().skip(1).take(2) {
-        let candidate = dir.join(name);
-        if candidate.is_file() {
-            return Ok(candidate);
-        }
-    }
-    bail!(
-        "{name} is not built next to {}; run `cargo build -p {package} --bin {name}` \
-         (scripts/test and scripts/local-cluster do) or pass its path",
-        exe.display()
-    )
+    let dir = exe.parent().context("the executable has no directory")?;
+    Ok(match dir.file_name() {
+        Some(name) if name == "deps" => dir.parent().unwrap_or(dir).to_path_buf(),
+        _ => dir.to_path_buf(),
+    })
 }
 
 fn existing(path: PathBuf, from: &str) -> Result<PathBuf> {
