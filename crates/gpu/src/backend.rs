@@ -20,6 +20,7 @@ use serde::{Deserialize, Serialize};
 use crate::Error;
 use crate::device::{DriverInfo, GpuInfo};
 use crate::fabric::FabricInfo;
+use crate::imex::ImexInfo;
 use crate::mig::{MigDeviceInfo, MigProfile};
 use crate::nodes::{self, DeviceNode, MigCapabilities};
 
@@ -43,6 +44,9 @@ pub trait GpuBackend: Send + Sync {
 
     /// The capability minors a container needs to use `mig`.
     fn mig_capabilities(&self, mig: &MigDeviceInfo) -> Result<MigCapabilities, Error>;
+
+    /// IMEX channel count and the device numbers of channel and capability nodes.
+    fn imex(&self) -> Result<ImexInfo, Error>;
 
     /// Root under which `/dev` holds the device nodes (`/` or the driver
     /// root).

@@ -155,6 +155,38 @@ pub enum Error {
         reason: String,
     },
 
+    /// A procfs file that exists could not be read.
+    #[error("cannot read {path}")]
+    ReadProcFile {
+        /// The file.
+        path: PathBuf,
+        /// Why reading failed.
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// A procfs file holds a value that cannot be used.
+    #[error("cannot parse {path}: {reason}")]
+    ParseProcFile {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+
+    /// Two GPUs of one node report different NVLink cliques.
+    #[error("GPUs disagree on the NVLink clique: {first_gpu} is in {first}, {gpu} in {clique}")]
+    CliqueMismatch {
+        /// The first GPU reporting a clique.
+        first_gpu: String,
+        /// Its clique.
+        first: String,
+        /// The GPU that disagrees.
+        gpu: String,
+        /// Its clique.
+        clique: String,
+    },
+
     /// A device name does not follow the naming scheme.
     #[error("invalid device name {name:?}: {reason}")]
     ParseDeviceName {

@@ -5,7 +5,9 @@
 //! every answer is a clone of that snapshot, so the backend never fails
 //! except for questions about GPUs it does not have ([`Error::UnknownGpu`]).
 //! MIG capability minors follow the driver's fixed minor layout
-//! ([`MigCapabilities::from_driver_layout`]) instead of reading procfs.
+//! ([`MigCapabilities::from_driver_layout`]) instead of reading procfs, and
+//! IMEX device numbers are fixed ([`crate::imex::fake_numbers`]); the channel
+//! count is the profile's `imex_channel_count` (default 2048).
 //!
 //! Realistic profiles ship in `crates/gpu/profiles/` and are also compiled in
 //! ([`BUILTIN_PROFILES`], [`FakeBackend::builtin`]) so a binary can simulate
@@ -17,6 +19,7 @@ use crate::Error;
 use crate::backend::{GpuBackend, GpuInventory, Inventory};
 use crate::device::{DriverInfo, GpuInfo};
 use crate::fabric::FabricInfo;
+use crate::imex::ImexInfo;
 use crate::mig::{MigDeviceInfo, MigProfile};
 use crate::nodes::MigCapabilities;
 
@@ -45,6 +48,7 @@ pub const BUILTIN_PROFILES: [(&str, &str); 5] = [
 #[derive(Debug, Clone)]
 pub struct FakeBackend {
     inventory: Inventory,
+    imex: ImexInfo,
     dev_root: PathBuf,
 }
 
@@ -69,6 +73,7 @@ impl FakeBackend {
     pub fn from_profile(profile: &FakeProfile, origin: &str) -> Result<Self, Error> {
         Ok(Self {
             inventory: profile.resolve(origin)?,
+            imex: ImexInfo::fake(profile.imex_channel_count()),
             dev_root: PathBuf::from("/"),
         })
     }
@@ -125,6 +130,10 @@ impl GpuBackend for FakeBackend {
             mig.gi_id,
             mig.ci_id,
         ))
+    }
+
+    fn imex(&self) -> Result<ImexInfo, Error> {
+        Ok(self.imex)
     }
 
     fn dev_root(&self) -> &Path {

@@ -2,7 +2,8 @@
 //! GPUs and how it learns it.
 //!
 //! - [`GpuBackend`] is the one interface the agent uses: GPUs, existing MIG
-//!   devices, MIG profile tables, NVLink fabric facts, device nodes.
+//!   devices, MIG profile tables, NVLink fabric facts, IMEX channels
+//!   ([`imex`]), device nodes.
 //! - [`NvmlBackend`] answers it from the real NVML library (read-only),
 //!   confining every NVML call to one worker thread under a timeout.
 //! - [`FakeBackend`] answers it deterministically from a profile YAML, for
@@ -20,6 +21,7 @@ pub mod driver_root;
 pub mod error;
 pub mod fabric;
 pub mod fake;
+pub mod imex;
 pub mod mig;
 pub mod naming;
 pub mod nodes;
@@ -34,6 +36,7 @@ pub use driver_root::DriverRoot;
 pub use error::Error;
 pub use fabric::{ClusterUuid, FabricInfo, FabricState, FabricStatus};
 pub use fake::{FakeBackend, FakeProfile, GpuModel};
+pub use imex::{ImexInfo, ImexReader, node_clique_id};
 pub use mig::{MigCapacities, MigDeviceInfo, MigPlacement, MigProfile};
 pub use naming::{DeviceName, MigDeviceName, gpu_device_name, mig_device_name};
 pub use nodes::{CapabilityReader, DeviceNode, MigCapabilities};

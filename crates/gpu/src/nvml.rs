@@ -41,6 +41,7 @@ use crate::device::{
 };
 use crate::driver_root::DriverRoot;
 use crate::fabric::{ClusterUuid, FabricInfo, FabricState, FabricStatus};
+use crate::imex::{ImexInfo, ImexReader};
 use crate::mig::{
     MigCapacities, MigDeviceInfo, MigPlacement, MigProfile, gi_slices_of_index, mig_memory_gb,
     profile_index, profile_name, suffix_of_index,
@@ -60,7 +61,7 @@ pub struct NvmlOptions {
     pub driver_root: PathBuf,
     /// Where sysfs is mounted (for PCIe roots).
     pub sysfs_root: PathBuf,
-    /// Where procfs is mounted (for MIG capability minors).
+    /// Where procfs is mounted (for MIG capability minors and IMEX facts).
     pub proc_root: PathBuf,
     /// Longest wait for one NVML call.
     pub call_timeout: Duration,
@@ -96,6 +97,7 @@ pub struct NvmlBackend {
     worker: Worker<NvmlState>,
     driver_root: DriverRoot,
     capabilities: CapabilityReader,
+    imex: ImexReader,
 }
 
 impl fmt::Debug for NvmlBackend {
@@ -141,6 +143,7 @@ impl NvmlBackend {
         Ok(Self {
             worker,
             driver_root,
+            imex: ImexReader::new(&options.proc_root),
             capabilities: CapabilityReader::new(options.proc_root),
         })
     }
@@ -191,6 +194,11 @@ impl GpuBackend for NvmlBackend {
     fn mig_capabilities(&self, mig: &MigDeviceInfo) -> Result<MigCapabilities, Error> {
         self.capabilities
             .mig(mig.parent_minor, mig.gi_id, mig.ci_id)
+    }
+
+    /// From procfs, not NVML (see [`crate::imex`] for which procfs and why).
+    fn imex(&self) -> Result<ImexInfo, Error> {
+        self.imex.read()
     }
 
     fn dev_root(&self) -> &Path {

@@ -288,6 +288,9 @@ impl GpuBackend for PerMethod {
     fn mig_capabilities(&self, mig: &MigDeviceInfo) -> Result<MigCapabilities, Error> {
         self.0.mig_capabilities(mig)
     }
+    fn imex(&self) -> Result<nvdra_gpu::ImexInfo, Error> {
+        self.0.imex()
+    }
     fn dev_root(&self) -> &Path {
         self.0.dev_root()
     }

@@ -19,6 +19,9 @@
 //!       - { uuid: MIG-..., gi_profile_id: 9, placement_start: 0, gi_id: 1, ci_id: 0 }
 //! ```
 //!
+//! An optional `imex_channel_count` (default 2048) sets the IMEX channels the
+//! simulated driver offers.
+//!
 //! Invariants enforced by [`FakeProfile::resolve`], each failure reported as
 //! [`Error::InvalidProfile`] naming the origin and the field path:
 //! GPUs are listed in index order `0..n`; minors, UUIDs and PCI bus IDs are
@@ -57,6 +60,9 @@ pub struct FakeProfile {
     pub addressing_mode: Option<AddressingMode>,
     /// The GPUs, in index order.
     pub gpus: Vec<FakeGpu>,
+    /// IMEX channels the simulated driver offers (`NVreg_ImexChannelCount`); 2048 when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub imex_channel_count: Option<u32>,
 }
 
 /// The driver of a fake node.
@@ -154,7 +160,14 @@ impl FakeProfile {
                     addressing_mode: None,
                 })
                 .collect(),
+            imex_channel_count: None,
         }
+    }
+
+    /// The IMEX channel count the profile simulates.
+    pub fn imex_channel_count(&self) -> u32 {
+        self.imex_channel_count
+            .unwrap_or(crate::imex::DEFAULT_CHANNEL_COUNT)
     }
 
     /// Parses a profile; `origin` names it in errors (a path or a label).
@@ -180,6 +193,12 @@ impl FakeProfile {
                     "{:?} is not a driver version like 570.172.08",
                     self.driver.version
                 ),
+            ));
+        }
+        if self.imex_channel_count == Some(0) {
+            return Err(invalid(
+                "imex_channel_count".into(),
+                "must be at least 1".into(),
             ));
         }
 
