@@ -14,7 +14,7 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 use nvdra_api::FeatureGates;
 
-/// The node agent for the `gpu.nvidia.com` DRA driver.
+/// The node agent for the `gpu.nvidia.com` and `compute-domain.nvidia.com` DRA drivers.
 #[derive(Debug, Clone, Parser)]
 #[command(name = "nvdra-agent", version, about)]
 pub struct Args {
@@ -118,6 +118,24 @@ pub struct Args {
     )]
     pub boot_id_path: PathBuf,
 
+    /// Serve the `gpu.nvidia.com` driver (full GPUs and MIG devices).
+    #[arg(long, env = "NVDRA_GPUS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub gpus: bool,
+
+    /// Serve the `compute-domain.nvidia.com` driver (IMEX channels and daemons); it has its own
+    /// sockets and data directory `<plugins>/compute-domain.nvidia.com/`.
+    #[arg(long, env = "NVDRA_COMPUTE_DOMAINS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub compute_domains: bool,
+
+    /// The driver's namespace (where the ComputeDomainCliques live), as the controller's.
+    #[arg(long, env = "NAMESPACE", default_value = "default")]
+    pub namespace: String,
+
+    /// Longest wait of a channel prepare for the node's IMEX daemon to be Ready before the
+    /// claim fails with a retriable error (the kubelet retries); keep it well under 45 s.
+    #[arg(long, env = "NVDRA_DAEMON_READY_TIMEOUT", default_value = "25s", value_parser = parse_duration)]
+    pub daemon_ready_timeout: Duration,
+
     /// Log filter (tracing `EnvFilter` syntax, e.g. `info,nvdra_agent=debug`).
     #[arg(long, env = "NVDRA_LOG", default_value = "info")]
     pub log_level: String,
@@ -216,6 +234,17 @@ mod tests {
         );
         assert_eq!(args.cleanup_interval, Duration::from_secs(600));
         assert_eq!(args.feature_gates, FeatureGates::default());
+        assert!(args.gpus && args.compute_domains);
+        assert_eq!(args.namespace, "default");
+        assert_eq!(args.daemon_ready_timeout, Duration::from_secs(25));
+    }
+
+    #[test]
+    fn drivers_can_be_turned_off() {
+        let args = parse(&["--gpus", "false", "--compute-domains=false"]).unwrap();
+        assert!(!args.gpus && !args.compute_domains);
+        let err = parse(&["--gpus", "maybe"]).unwrap_err();
+        assert_eq!(err.kind(), clap::error::ErrorKind::InvalidValue);
     }
 
     #[test]

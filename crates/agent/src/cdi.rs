@@ -57,6 +57,72 @@ pub const KIND: &str = "k8s.gpu.nvidia.com/claim";
 /// the limit keeps file names far below the 255-byte limit.
 pub const MAX_CLAIM_UID_LEN: usize = 128;
 
+/// The CDI names of one driver's specs: vendor `k8s.<driver>`, per-claim specs of class
+/// `claim` and (compute-domain driver) one base spec of class `device` written at start-up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Vendor(&'static str);
+
+impl Vendor {
+    /// `k8s.gpu.nvidia.com`.
+    pub const GPU: Self = Self(names::GPU_VENDOR);
+    /// `k8s.compute-domain.nvidia.com`.
+    pub const COMPUTE_DOMAIN: Self = Self(names::COMPUTE_DOMAIN_VENDOR);
+
+    /// The vendor string.
+    pub fn name(self) -> &'static str {
+        self.0
+    }
+
+    /// Kind of per-claim specs, `<vendor>/claim`.
+    pub fn claim_kind(self) -> String {
+        format!("{}/{}", self.0, names::CLAIM_CLASS)
+    }
+
+    /// The fully qualified CDI device ID of `device` in claim `claim_uid`:
+    /// `<vendor>/claim=<uid>-<device>`.
+    pub fn qualified_device_id(self, claim_uid: &str, device: &str) -> String {
+        format!(
+            "{}={}",
+            self.claim_kind(),
+            claim_device_name(claim_uid, device)
+        )
+    }
+
+    /// Prefix of claim spec file names, `<vendor>-claim_`.
+    pub fn claim_file_prefix(self) -> String {
+        format!("{}-{}_", self.0, names::CLAIM_CLASS)
+    }
+
+    /// File name of a claim's spec: `<vendor>-claim_<uid>.yaml` (CDI's transient-spec naming).
+    pub fn claim_spec_file_name(self, claim_uid: &str) -> String {
+        format!(
+            "{}{claim_uid}{}",
+            self.claim_file_prefix(),
+            store::FILE_SUFFIX
+        )
+    }
+
+    /// Kind of the base spec, `<vendor>/device`.
+    pub fn base_kind(self) -> String {
+        format!("{}/{}", self.0, names::DEVICE_CLASS)
+    }
+
+    /// File name of the base spec, `<vendor>-device_base.yaml`.
+    pub fn base_spec_file_name(self) -> String {
+        format!(
+            "{}-{}_base{}",
+            self.0,
+            names::DEVICE_CLASS,
+            store::FILE_SUFFIX
+        )
+    }
+
+    /// The base device's qualified ID, `<vendor>/device=all`.
+    pub fn base_device_id(self) -> String {
+        format!("{}={}", self.base_kind(), names::BASE_DEVICE)
+    }
+}
+
 /// The CDI device name of `device` in claim `claim_uid`: `<uid>-<device>`.
 pub fn claim_device_name(claim_uid: &str, device: &str) -> String {
     format!("{claim_uid}-{device}")
@@ -65,13 +131,13 @@ pub fn claim_device_name(claim_uid: &str, device: &str) -> String {
 /// The fully qualified CDI device ID the kubelet passes to the runtime:
 /// `k8s.gpu.nvidia.com/claim=<uid>-<device>`.
 pub fn qualified_device_id(claim_uid: &str, device: &str) -> String {
-    format!("{KIND}={}", claim_device_name(claim_uid, device))
+    Vendor::GPU.qualified_device_id(claim_uid, device)
 }
 
-/// File name of a claim's spec in the CDI root:
+/// File name of a GPU claim's spec in the CDI root:
 /// `k8s.gpu.nvidia.com-claim_<uid>.yaml` (CDI's transient-spec naming).
 pub fn claim_spec_file_name(claim_uid: &str) -> String {
-    format!("{}{claim_uid}.yaml", store::FILE_PREFIX)
+    Vendor::GPU.claim_spec_file_name(claim_uid)
 }
 
 /// Checks that a claim UID can be part of a CDI device name and a file
@@ -243,6 +309,30 @@ mod tests {
             claim_device_name(uid, "gpu-4-mig-3g20gb-9-0"),
             "0b5c1a2e-6f3d-4b9a-9d1e-3f2a1b0c9d8e-gpu-4-mig-3g20gb-9-0"
         );
+    }
+
+    #[test]
+    fn compute_domain_names_follow_upstream() {
+        let cd = Vendor::COMPUTE_DOMAIN;
+        let uid = "0b5c1a2e-6f3d-4b9a-9d1e-3f2a1b0c9d8e";
+        assert_eq!(
+            cd.qualified_device_id(uid, "channel-0"),
+            "k8s.compute-domain.nvidia.com/claim=0b5c1a2e-6f3d-4b9a-9d1e-3f2a1b0c9d8e-channel-0"
+        );
+        assert_eq!(
+            cd.claim_spec_file_name(uid),
+            "k8s.compute-domain.nvidia.com-claim_0b5c1a2e-6f3d-4b9a-9d1e-3f2a1b0c9d8e.yaml"
+        );
+        assert_eq!(
+            cd.base_spec_file_name(),
+            "k8s.compute-domain.nvidia.com-device_base.yaml"
+        );
+        assert_eq!(
+            cd.base_device_id(),
+            "k8s.compute-domain.nvidia.com/device=all"
+        );
+        assert_eq!(Vendor::GPU.claim_kind(), KIND);
+        assert_eq!(Vendor::GPU.claim_file_prefix(), store::FILE_PREFIX);
     }
 
     #[test]

@@ -50,9 +50,9 @@ mod upstream;
 use std::path::PathBuf;
 
 pub use state::{
-    AllocatedDevice, BeginOutcome, CheckpointState, ClaimEntry, ClaimRef, ClaimState,
-    DEVICE_TYPE_LABELS, DeviceInfo, PreparedDevice, PreparedGpu, PreparedGroup, PreparedMig,
-    PreparedVfio,
+    AllocatedDevice, BeginOutcome, CD_DEVICE_TYPE_LABELS, CheckpointState, ClaimEntry, ClaimRef,
+    ClaimState, DEVICE_TYPE_LABELS, DeviceInfo, PreparedChannel, PreparedDaemon, PreparedDevice,
+    PreparedGpu, PreparedGroup, PreparedMig, PreparedVfio,
 };
 pub use store::{
     CHECKSUM_ALGORITHM, CheckpointStore, ChecksumCheck, FILE_NAME, FileReport, KIND, LoadOutcome,

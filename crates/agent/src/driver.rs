@@ -71,11 +71,11 @@ use crate::checkpoint::{
 use crate::devices::{AllocatableDevice, allocatable_index};
 use crate::metrics::{ErrorType, Metrics, Operation};
 
-mod ledger;
+pub(crate) mod ledger;
 pub mod prepare;
 mod unprepare;
 
-use ledger::Ledger;
+pub(crate) use ledger::Ledger;
 pub use prepare::PrepareError;
 pub(crate) use unprepare::{Expect, Outcome};
 
@@ -566,7 +566,7 @@ impl DraDriver for GpuDriver {
 }
 
 /// Opens and locks the node-wide lock file (blocking until the holder releases it).
-fn lock_node(path: &Path) -> std::io::Result<File> {
+pub(crate) fn lock_node(path: &Path) -> std::io::Result<File> {
     let file = OpenOptions::new()
         .read(true)
         .write(true)
@@ -582,7 +582,11 @@ fn lock_node(path: &Path) -> std::io::Result<File> {
 /// corrupt checkpoint, orphaned specs are kept and listed in [`Startup::unaccounted_specs`]
 /// instead: the lost entries may describe claims whose pods still run, and removing their
 /// specs would break every container restart in them.
-fn recover(cdi: &CdiStore, ledger: &mut Ledger, startup: &mut Startup) -> Result<(), Error> {
+pub(crate) fn recover(
+    cdi: &CdiStore,
+    ledger: &mut Ledger,
+    startup: &mut Startup,
+) -> Result<(), Error> {
     let keep_orphans = matches!(startup.checkpoint, LoadOutcome::Corrupt { .. });
     for claim in ledger.state().started_claims() {
         let removed = if cdi::validate_claim_uid(&claim.uid).is_ok() {
@@ -640,7 +644,7 @@ fn problem(startup: &mut Startup, text: String) {
     startup.problems.push(text);
 }
 
-fn log_load(outcome: &LoadOutcome, path: &Path) {
+pub(crate) fn log_load(outcome: &LoadOutcome, path: &Path) {
     let path = path.display();
     match outcome {
         LoadOutcome::Missing => tracing::info!(%path, "no checkpoint; starting empty"),

@@ -49,7 +49,7 @@ use prometheus::{
 };
 use tokio::sync::watch;
 
-use crate::checkpoint::DEVICE_TYPE_LABELS;
+use crate::checkpoint::{CD_DEVICE_TYPE_LABELS, DEVICE_TYPE_LABELS};
 
 /// Buckets of `nvidia_dra_request_duration_seconds`: upstream's 0.05 s doubled nine times.
 pub const REQUEST_DURATION_BUCKETS: [f64; 9] = [0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 3.2, 6.4, 12.8];
@@ -127,6 +127,7 @@ impl ErrorType {
 pub struct Metrics {
     driver: String,
     node: String,
+    device_types: &'static [&'static str],
     requests_total: IntCounterVec,
     request_duration: HistogramVec,
     requests_inflight: IntGaugeVec,
@@ -239,6 +240,7 @@ impl Metrics {
         let metrics = Self {
             driver: driver.to_owned(),
             node: node.to_owned(),
+            device_types: device_types_of(driver),
             requests_total,
             request_duration,
             requests_inflight,
@@ -252,27 +254,48 @@ impl Metrics {
             slice_pool_generation,
             slices,
         };
-        for operation in Operation::ALL {
-            let labels = [driver, operation.as_str()];
-            metrics.requests_total.with_label_values(&labels);
-            metrics.request_duration.with_label_values(&labels);
-            metrics.requests_inflight.with_label_values(&labels);
-            for error_type in ErrorType::for_operation(operation) {
-                metrics
-                    .errors(operation)
-                    .with_label_values(&[driver, error_type.as_str()]);
-            }
-        }
         for result in ["success", "error"] {
             metrics.checkpoint_writes.with_label_values(&[result]);
             metrics.slice_publishes.with_label_values(&[result]);
         }
-        for device_type in DEVICE_TYPE_LABELS {
-            metrics
-                .prepared_devices
-                .with_label_values(&[node, driver, device_type]);
-        }
+        metrics.create_driver_series();
         Ok(metrics)
+    }
+
+    /// A handle reporting for another driver of the same agent, on the same metrics (the
+    /// `nvidia_dra_*` series carry the driver label; the `nvdra_agent_*` ones are agent-wide).
+    /// Its series are created at zero now.
+    pub fn for_driver(&self, driver: &str) -> Self {
+        let metrics = Self {
+            driver: driver.to_owned(),
+            device_types: device_types_of(driver),
+            ..self.clone()
+        };
+        metrics.create_driver_series();
+        metrics
+    }
+
+    /// The `device_type` labels of this handle's driver.
+    pub fn device_types(&self) -> &'static [&'static str] {
+        self.device_types
+    }
+
+    fn create_driver_series(&self) {
+        let driver = self.driver.as_str();
+        for operation in Operation::ALL {
+            let labels = [driver, operation.as_str()];
+            self.requests_total.with_label_values(&labels);
+            self.request_duration.with_label_values(&labels);
+            self.requests_inflight.with_label_values(&labels);
+            for error_type in ErrorType::for_operation(operation) {
+                self.errors(operation)
+                    .with_label_values(&[driver, error_type.as_str()]);
+            }
+        }
+        for device_type in self.device_types {
+            self.prepared_devices
+                .with_label_values(&[self.node.as_str(), driver, device_type]);
+        }
     }
 
     fn errors(&self, operation: Operation) -> &IntCounterVec {
@@ -333,6 +356,15 @@ impl Metrics {
         self.checkpoint_writes.with_label_values(&[result]).inc();
         self.checkpoint_write_duration
             .observe(duration.as_secs_f64());
+    }
+}
+
+/// Upstream's `device_type` labels for `driver`.
+fn device_types_of(driver: &str) -> &'static [&'static str] {
+    if driver == nvdra_api::names::drivers::COMPUTE_DOMAIN {
+        &CD_DEVICE_TYPE_LABELS
+    } else {
+        &DEVICE_TYPE_LABELS
     }
 }
 
@@ -628,6 +660,37 @@ mod tests {
                 r#"nvdra_agent_slice_publishes_total{result="error"} 1"#,
                 r#"nvdra_agent_slice_publishes_total{result="success"} 2"#,
                 "nvdra_agent_slices 4",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_second_driver_shares_the_registry() {
+        let registry = Registry::new();
+        let gpu = Metrics::new(&registry, "gpu.nvidia.com", "node-a").unwrap();
+        let cd = gpu.for_driver("compute-domain.nvidia.com");
+        cd.observe_success(Operation::Unprepare, 1, Duration::from_millis(1));
+        cd.set_prepared_devices(&BTreeMap::from([("channel", 2)]));
+        let text = scrape(&registry);
+        assert_eq!(
+            samples(&text, "nvidia_dra_prepared_devices"),
+            [
+                r#"nvidia_dra_prepared_devices{device_type="channel",driver="compute-domain.nvidia.com",node="node-a"} 2"#,
+                r#"nvidia_dra_prepared_devices{device_type="daemon",driver="compute-domain.nvidia.com",node="node-a"} 0"#,
+                r#"nvidia_dra_prepared_devices{device_type="gpu",driver="gpu.nvidia.com",node="node-a"} 0"#,
+                r#"nvidia_dra_prepared_devices{device_type="mig",driver="gpu.nvidia.com",node="node-a"} 0"#,
+                r#"nvidia_dra_prepared_devices{device_type="unknown",driver="compute-domain.nvidia.com",node="node-a"} 0"#,
+                r#"nvidia_dra_prepared_devices{device_type="unknown",driver="gpu.nvidia.com",node="node-a"} 0"#,
+                r#"nvidia_dra_prepared_devices{device_type="vfio",driver="gpu.nvidia.com",node="node-a"} 0"#,
+            ]
+        );
+        assert_eq!(
+            samples(&text, "nvidia_dra_requests_total"),
+            [
+                r#"nvidia_dra_requests_total{driver="compute-domain.nvidia.com",operation="prepare"} 0"#,
+                r#"nvidia_dra_requests_total{driver="compute-domain.nvidia.com",operation="unprepare"} 1"#,
+                r#"nvidia_dra_requests_total{driver="gpu.nvidia.com",operation="prepare"} 0"#,
+                r#"nvidia_dra_requests_total{driver="gpu.nvidia.com",operation="unprepare"} 0"#,
             ]
         );
     }

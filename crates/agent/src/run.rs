@@ -6,15 +6,18 @@
 //! 2. the device backend (NVML under the driver root, or a fake profile) and
 //!    the node-wide CDI edits discovered under the driver root;
 //! 3. the API client (rate-limited to `--kube-api-qps`/`--kube-api-burst`);
-//! 4. the GPU driver: checkpoint loaded (a corrupt one is set aside and
+//! 4. the GPU driver (unless `--gpus=false`): checkpoint loaded (a corrupt one is set aside and
 //!    reported as a Node Event, never a crash loop), half-prepared claims
 //!    rolled back, orphaned CDI specs removed; after a corrupt checkpoint,
 //!    claims still in use are rebuilt from the ResourceClaims instead
 //!    ([`crate::rebuild`]), before the plugin serves;
-//! 5. the kubelet plugin: DRA socket, then registration socket, then the
-//!    ResourceSlice publisher with this node's devices;
-//! 6. the HTTP endpoint (`/metrics`, `/livez`, `/readyz`) and the periodic
-//!    clean-up of claims whose ResourceClaim is gone.
+//! 5. the compute-domain driver (unless `--compute-domains=false`): IMEX facts
+//!    and NVLink clique from the device layer, its own checkpoint and CDI
+//!    clean-up, the base CDI spec;
+//! 6. one kubelet plugin per driver: DRA socket, then registration socket,
+//!    then the ResourceSlice publisher with this node's devices;
+//! 7. the HTTP endpoint (`/metrics`, `/livez`, `/readyz` over both plugins) and
+//!    the periodic clean-up of GPU claims whose ResourceClaim is gone.
 //!
 //! The process ends when SIGTERM/SIGINT arrives (sockets removed, clean
 //! exit) or when a supervised task fails (non-zero exit, so the kubelet
@@ -27,15 +30,17 @@ use std::time::Duration;
 use axum::Router;
 use axum::routing::get;
 use nvdra_api::names::{drivers, field_managers};
+use nvdra_api::{FeatureGate, FeatureGates};
 use nvdra_gpu::{FakeBackend, GpuBackend, NvmlBackend, NvmlOptions};
-use nvdra_kubelet_plugin::health::{self, HealthState};
+use nvdra_kubelet_plugin::health::HealthState;
 use nvdra_kubelet_plugin::resourceslice::{self, CounterLayout};
 use nvdra_kubelet_plugin::{BoxError, KubeletPlugin, shutdown_signal};
 use prometheus::{Encoder as _, Registry, TextEncoder};
 
 use crate::args::{Args, DeviceBackend, LogFormat};
-use crate::cdi::{CdiStore, CommonEdits, CommonOptions, Hooks, RootMapping};
+use crate::cdi::{CdiStore, CommonEdits, CommonOptions, Hooks, RootMapping, Vendor};
 use crate::checkpoint::LoadOutcome;
+use crate::computedomain::{Cluster, ComputeDomainDriver, ComputeDomainDriverConfig, specs};
 use crate::driver::{GpuDriver, GpuDriverConfig};
 use crate::events::NodeEvents;
 use crate::metrics::Metrics;
@@ -76,6 +81,23 @@ pub enum Error {
     /// The GPU driver could not start.
     #[error("start the gpu.nvidia.com driver")]
     StartDriver(#[source] crate::driver::Error),
+    /// The compute-domain driver could not start.
+    #[error("start the compute-domain.nvidia.com driver")]
+    StartComputeDomainDriver(#[source] crate::driver::Error),
+    /// Both drivers are turned off.
+    #[error("nothing to serve: both --gpus and --compute-domains are false")]
+    NoDriver,
+    /// The IMEX facts or the NVLink clique of the node could not be read.
+    #[error("read the node's IMEX channels and NVLink clique")]
+    ReadImex(#[source] nvdra_gpu::Error),
+    /// NVLink fabric registration failed and `CrashOnNVLinkFabricErrors` is on.
+    #[error(
+        "NVLink fabric registration did not succeed on {0} (feature gate CrashOnNVLinkFabricErrors)"
+    )]
+    FabricNotReady(String),
+    /// The compute-domain base CDI spec breaks a spec rule.
+    #[error("render the compute-domain base CDI spec")]
+    RenderBaseSpec(#[source] crate::cdi::SpecError),
     /// The API server's version could not be read.
     #[error("read the API server version")]
     ServerVersion(#[source] BoxError),
@@ -108,6 +130,9 @@ pub async fn run(args: Args) -> Result<(), Error> {
         args = ?args,
         "starting nvdra-agent"
     );
+    if !args.gpus && !args.compute_domains {
+        return Err(Error::NoDriver);
+    }
 
     let backend = open_backend(&args)?;
     let hooks = match &args.nvidia_cdi_hook_path {
@@ -127,9 +152,123 @@ pub async fn run(args: Args) -> Result<(), Error> {
     let client = kube_client(&args).await?;
     let registry = Registry::new();
     register_process_metrics(&registry)?;
+    let first_driver = if args.gpus {
+        drivers::GPU
+    } else {
+        drivers::COMPUTE_DOMAIN
+    };
     let metrics =
-        Metrics::new(&registry, drivers::GPU, &args.node_name).map_err(Error::RegisterMetrics)?;
+        Metrics::new(&registry, first_driver, &args.node_name).map_err(Error::RegisterMetrics)?;
 
+    let version = client
+        .apiserver_version()
+        .await
+        .map_err(|err| Error::ServerVersion(err.into()))?;
+    let layout = CounterLayout::for_server_version(&version)
+        .map_err(|err| Error::ServerVersion(err.into()))?;
+
+    let gpu = if args.gpus {
+        Some(
+            start_gpu_plugin(
+                &args,
+                Arc::clone(&backend),
+                common_edits.clone(),
+                &client,
+                metrics.clone(),
+                layout,
+            )
+            .await?,
+        )
+    } else {
+        None
+    };
+    let compute_domain = if args.compute_domains {
+        // The slice metrics follow one publisher (they carry no driver label): the GPU
+        // driver's when it runs.
+        let follow_slices = !args.gpus;
+        Some(start_compute_domain_plugin(
+            &args,
+            backend.as_ref(),
+            &common_edits,
+            &client,
+            metrics.for_driver(drivers::COMPUTE_DOMAIN),
+            layout,
+            follow_slices,
+        )?)
+    } else {
+        None
+    };
+
+    let mut health = Vec::new();
+    if let Some(plugin) = &gpu {
+        health.push(HealthState {
+            liveness: plugin.liveness(),
+            readiness: plugin.readiness(),
+        });
+    }
+    if let Some(plugin) = &compute_domain {
+        health.push(HealthState {
+            liveness: plugin.liveness(),
+            readiness: plugin.readiness(),
+        });
+    }
+    let http = args.http_endpoint.0.map(|addr| {
+        let router = combined_health_router(health)
+            .route(&args.metrics_path, get(move || scrape(registry.clone())));
+        serve_http(addr, router)
+    });
+    let http = async move {
+        match http {
+            Some(server) => server.await,
+            None => std::future::pending().await,
+        }
+    };
+
+    // One shutdown signal for both plugins: each removes its own sockets.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|stop| *stop).await;
+        }
+    };
+    let gpu_run = {
+        let stop = stopped();
+        async move {
+            match gpu {
+                Some(plugin) => plugin.run(stop).await.map_err(Error::Plugin),
+                None => Ok(()),
+            }
+        }
+    };
+    let compute_domain_run = {
+        let stop = stopped();
+        async move {
+            match compute_domain {
+                Some(plugin) => plugin.run(stop).await.map_err(Error::Plugin),
+                None => Ok(()),
+            }
+        }
+    };
+    tokio::select! {
+        result = async { tokio::try_join!(gpu_run, compute_domain_run).map(|_| ()) } => result,
+        result = http => result,
+    }
+}
+
+/// Starts the `gpu.nvidia.com` driver and builds its plugin (not yet serving).
+async fn start_gpu_plugin(
+    args: &Args,
+    backend: Arc<dyn GpuBackend>,
+    common_edits: CommonEdits,
+    client: &kube::Client,
+    metrics: Metrics,
+    layout: CounterLayout,
+) -> Result<KubeletPlugin<GpuDriver>, Error> {
     let plugin_data_dir = args.kubelet_plugins_directory_path.join(drivers::GPU);
     let (driver, startup) = GpuDriver::start(GpuDriverConfig {
         node_name: args.node_name.clone(),
@@ -161,16 +300,8 @@ pub async fn run(args: Args) -> Result<(), Error> {
     if matches!(startup.checkpoint, LoadOutcome::Corrupt { .. })
         && !startup.unaccounted_specs.is_empty()
     {
-        crate::rebuild::rebuild_after_corruption(&driver, &client, &startup.unaccounted_specs)
-            .await;
+        crate::rebuild::rebuild_after_corruption(&driver, client, &startup.unaccounted_specs).await;
     }
-
-    let version = client
-        .apiserver_version()
-        .await
-        .map_err(|err| Error::ServerVersion(err.into()))?;
-    let layout = CounterLayout::for_server_version(&version)
-        .map_err(|err| Error::ServerVersion(err.into()))?;
 
     let plugin = KubeletPlugin::builder(drivers::GPU, Arc::clone(&driver))
         .registrar_dir(&args.kubelet_registrar_directory_path)
@@ -188,7 +319,7 @@ pub async fn run(args: Args) -> Result<(), Error> {
         )
         .critical_task(
             "claim-cleanup",
-            cleanup_loop(Arc::clone(&driver), client, args.cleanup_interval),
+            cleanup_loop(Arc::clone(&driver), client.clone(), args.cleanup_interval),
         )
         .build()
         .map_err(Error::Plugin)?;
@@ -203,26 +334,160 @@ pub async fn run(args: Args) -> Result<(), Error> {
             .publish(driver.node_resources())
             .map_err(Error::PublishDevices)?;
     }
+    Ok(plugin)
+}
 
-    let http = args.http_endpoint.0.map(|addr| {
-        let router = health::router(HealthState {
-            liveness: plugin.liveness(),
-            readiness: plugin.readiness(),
-        })
-        .route(&args.metrics_path, get(move || scrape(registry.clone())));
-        serve_http(addr, router)
-    });
-    let http = async move {
-        match http {
-            Some(server) => server.await,
-            None => std::future::pending().await,
+/// Starts the `compute-domain.nvidia.com` driver and builds its plugin (not yet serving).
+fn start_compute_domain_plugin(
+    args: &Args,
+    backend: &dyn GpuBackend,
+    common_edits: &CommonEdits,
+    client: &kube::Client,
+    metrics: Metrics,
+    layout: CounterLayout,
+    follow_slices: bool,
+) -> Result<KubeletPlugin<ComputeDomainDriver>, Error> {
+    let imex = backend.imex().map_err(Error::ReadImex)?;
+    let clique_id = node_clique(backend, &args.feature_gates)?;
+    let base_spec = specs::render_base_spec(
+        common_edits.edits(),
+        &specs::imex_binary_mounts(&args.container_driver_root, &args.nvidia_driver_root),
+    )
+    .map_err(Error::RenderBaseSpec)?;
+    let plugin_data_dir = args
+        .kubelet_plugins_directory_path
+        .join(drivers::COMPUTE_DOMAIN);
+    let (driver, startup) = ComputeDomainDriver::start(ComputeDomainDriverConfig {
+        node_name: args.node_name.clone(),
+        plugin_data_dir: plugin_data_dir.clone(),
+        cdi: CdiStore::for_vendor(&args.cdi_root, Vendor::COMPUTE_DOMAIN),
+        base_spec,
+        imex,
+        clique_id,
+        gates: args.feature_gates.clone(),
+        boot_id: read_boot_id(&args.boot_id_path),
+        metrics: metrics.clone(),
+        cluster: Cluster::new(client.clone(), &args.namespace, &args.node_name),
+        readiness_timeout: args.daemon_ready_timeout,
+        poll_interval: crate::computedomain::DEFAULT_POLL_INTERVAL,
+    })
+    .map_err(Error::StartComputeDomainDriver)?;
+    tracing::info!(
+        rolled_back = startup.rolled_back.len(),
+        orphan_specs_removed = startup.orphan_specs_removed,
+        "compute-domain driver state recovered"
+    );
+    let driver = Arc::new(driver);
+    // Serialization off: a channel claim waiting for its daemon must not hold up the daemon's
+    // own claim; the driver takes the node lock around each checkpoint phase itself.
+    let plugin = KubeletPlugin::builder(drivers::COMPUTE_DOMAIN, Arc::clone(&driver))
+        .registrar_dir(&args.kubelet_registrar_directory_path)
+        .plugin_data_dir(&plugin_data_dir)
+        .rolling_update(args.pod_uid.clone().unwrap_or_default())
+        .serialize(false)
+        .kube_client(client.clone())
+        .resource_slices(
+            client.clone(),
+            resourceslice::Config::new(
+                drivers::COMPUTE_DOMAIN,
+                &args.node_name,
+                field_managers::AGENT,
+                layout,
+            ),
+        )
+        .build()
+        .map_err(Error::Plugin)?;
+    if let Some(publisher) = plugin.slice_publisher() {
+        if follow_slices {
+            let status = publisher.watch_status();
+            tokio::spawn(async move {
+                crate::metrics::follow_slice_status(status, metrics).await;
+            });
         }
-    };
-
-    tokio::select! {
-        result = plugin.run(shutdown) => result.map_err(Error::Plugin),
-        result = http => result,
+        publisher
+            .publish(driver.node_resources())
+            .map_err(Error::PublishDevices)?;
     }
+    Ok(plugin)
+}
+
+/// The node's NVLink clique. A fabric whose registration did not succeed is a start-up error
+/// with `CrashOnNVLinkFabricErrors` (as upstream), else the node is treated as outside any
+/// clique, with a warning.
+fn node_clique(backend: &dyn GpuBackend, gates: &FeatureGates) -> Result<Option<String>, Error> {
+    let inventory = backend.inventory().map_err(Error::ReadImex)?;
+    let clique = nvdra_gpu::node_clique_id(&inventory).map_err(Error::ReadImex)?;
+    let unready: Vec<String> = inventory
+        .gpus
+        .iter()
+        .filter_map(|gpu| {
+            let fabric = gpu.fabric.as_ref()?;
+            (fabric.clique_id().is_some() && !fabric.is_ready()).then(|| {
+                format!(
+                    "{} (state {}, status {})",
+                    gpu.info.uuid, fabric.state, fabric.status
+                )
+            })
+        })
+        .collect();
+    if unready.is_empty() {
+        return Ok(clique);
+    }
+    let detail = unready.join(", ");
+    if gates.enabled(FeatureGate::CrashOnNVLinkFabricErrors) {
+        return Err(Error::FabricNotReady(detail));
+    }
+    tracing::warn!(gpus = %detail, "NVLink fabric registration incomplete; the node takes part in no IMEX domain");
+    Ok(None)
+}
+
+/// `/livez` and `/readyz` over every running plugin: live when all are, ready when all are;
+/// failing readiness checks are listed per plugin.
+fn combined_health_router(states: Vec<HealthState>) -> Router {
+    let states = Arc::new(states);
+    let live = Arc::clone(&states);
+    Router::new()
+        .route(
+            "/livez",
+            get(move || {
+                let states = Arc::clone(&live);
+                async move {
+                    if states.iter().all(|s| s.liveness.is_alive()) {
+                        (axum::http::StatusCode::OK, "ok\n".to_owned())
+                    } else {
+                        (
+                            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                            "not running\n".to_owned(),
+                        )
+                    }
+                }
+            }),
+        )
+        .route(
+            "/readyz",
+            get(move || {
+                let states = Arc::clone(&states);
+                async move {
+                    if !states.iter().all(|s| s.liveness.is_alive()) {
+                        return (
+                            axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                            "not running\n".to_owned(),
+                        );
+                    }
+                    let failing: String = states
+                        .iter()
+                        .filter_map(|s| s.readiness.status().err())
+                        .flatten()
+                        .map(|(name, reason)| format!("{name}: {reason}\n"))
+                        .collect();
+                    if failing.is_empty() {
+                        (axum::http::StatusCode::OK, "ok\n".to_owned())
+                    } else {
+                        (axum::http::StatusCode::SERVICE_UNAVAILABLE, failing)
+                    }
+                }
+            }),
+        )
 }
 
 fn init_logging(args: &Args) -> Result<(), Error> {

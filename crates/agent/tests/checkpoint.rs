@@ -768,7 +768,8 @@ mod checkpoint_file {
             }
         );
         assert_eq!(devices[3].device, "channel-0");
-        assert_eq!(devices[3].info.type_label(), "unknown");
+        // The compute-domain plugin's channel record is imported as a channel.
+        assert_eq!(devices[3].info.type_label(), "channel");
 
         // Idempotency carries over the upgrade.
         let mut state = loaded.state.clone();

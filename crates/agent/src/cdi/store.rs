@@ -29,13 +29,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use super::spec::{self, Spec, SpecError};
-use super::{Error, KIND, claim_device_name, claim_spec_file_name, validate_claim_uid};
+use super::{Error, Vendor, claim_device_name, validate_claim_uid};
 
-/// Prefix of every claim spec file name (`<vendor>-<class>_`).
+/// Prefix of every GPU claim spec file name (`<vendor>-<class>_`).
 pub const FILE_PREFIX: &str = "k8s.gpu.nvidia.com-claim_";
 
 /// Extension of claim spec files.
 pub const FILE_SUFFIX: &str = ".yaml";
+
+/// How errors about the base spec name it.
+const BASE_SPEC_LABEL: &str = "base";
 
 /// Suffix of temporary files.
 const TEMP_SUFFIX: &str = ".tmp";
@@ -50,16 +53,31 @@ pub const DIR_MODE: u32 = 0o755;
 /// Distinguishes temporary files of concurrent writes in one process.
 static TEMP_COUNTER: AtomicU64 = AtomicU64::new(0);
 
-/// The claim spec files in one CDI root.
+/// The spec files of one driver (one [`Vendor`]) in one CDI root; several stores may share a
+/// root, each seeing only its vendor's files.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CdiStore {
     root: PathBuf,
+    vendor: Vendor,
 }
 
 impl CdiStore {
-    /// A store writing into `root`.
+    /// A store of the GPU driver's specs writing into `root`.
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        Self { root: root.into() }
+        Self::for_vendor(root, Vendor::GPU)
+    }
+
+    /// A store of `vendor`'s specs writing into `root`.
+    pub fn for_vendor(root: impl Into<PathBuf>, vendor: Vendor) -> Self {
+        Self {
+            root: root.into(),
+            vendor,
+        }
+    }
+
+    /// The vendor whose specs this store holds.
+    pub fn vendor(&self) -> Vendor {
+        self.vendor
     }
 
     /// The CDI root.
@@ -70,7 +88,7 @@ impl CdiStore {
     /// Where the spec of `claim_uid` lives.
     pub fn claim_spec_path(&self, claim_uid: &str) -> Result<PathBuf, Error> {
         validate_claim_uid(claim_uid).map_err(|source| Error::ClaimSpecPath { source })?;
-        Ok(self.root.join(claim_spec_file_name(claim_uid)))
+        Ok(self.root.join(self.vendor.claim_spec_file_name(claim_uid)))
     }
 
     /// Atomically writes (or replaces) the spec of `claim_uid` and returns
@@ -83,14 +101,45 @@ impl CdiStore {
         };
         validate_claim_uid(claim_uid).map_err(refuse)?;
         spec::validate(spec).map_err(refuse)?;
-        check_belongs_to_claim(claim_uid, spec).map_err(refuse)?;
+        check_belongs_to_claim(&self.vendor.claim_kind(), claim_uid, spec).map_err(refuse)?;
         let yaml = spec::to_yaml(spec).map_err(|source| Error::SerializeSpec {
             claim_uid: claim_uid.to_owned(),
             source,
         })?;
+        self.write_file(&self.vendor.claim_spec_file_name(claim_uid), &yaml, spec)
+    }
 
-        let file_name = claim_spec_file_name(claim_uid);
-        let path = self.root.join(&file_name);
+    /// Atomically writes (or replaces) the vendor's base spec
+    /// (`<vendor>-device_base.yaml`, kind `<vendor>/device`) and returns its path. Errors
+    /// name the spec `base` where claim specs name their claim UID.
+    pub fn write_base_spec(&self, spec: &Spec) -> Result<PathBuf, Error> {
+        let refuse = |source| Error::ValidateSpec {
+            claim_uid: BASE_SPEC_LABEL.to_owned(),
+            source,
+        };
+        spec::validate(spec).map_err(refuse)?;
+        let kind = self.vendor.base_kind();
+        if spec.kind != kind {
+            return Err(refuse(SpecError::Kind {
+                kind: spec.kind.clone(),
+                reason: format!("a base spec must be of kind {kind}"),
+            }));
+        }
+        let yaml = spec::to_yaml(spec).map_err(|source| Error::SerializeSpec {
+            claim_uid: BASE_SPEC_LABEL.to_owned(),
+            source,
+        })?;
+        self.write_file(&self.vendor.base_spec_file_name(), &yaml, spec)
+    }
+
+    /// Where the base spec lives.
+    pub fn base_spec_path(&self) -> PathBuf {
+        self.root.join(self.vendor.base_spec_file_name())
+    }
+
+    /// Writes `yaml` as `file_name` in the root: temp file, fsync, rename, directory fsync.
+    fn write_file(&self, file_name: &str, yaml: &str, spec: &Spec) -> Result<PathBuf, Error> {
+        let path = self.root.join(file_name);
         DirBuilder::new()
             .recursive(true)
             .mode(DIR_MODE)
@@ -155,11 +204,12 @@ impl CdiStore {
     /// with our name is listed (we never create one, so removing it is
     /// right).
     pub fn list_claim_specs(&self) -> Result<Vec<String>, Error> {
+        let prefix = self.vendor.claim_file_prefix();
         let mut uids: Vec<String> = self
             .entries()?
             .into_iter()
             .filter_map(|(name, is_dir)| {
-                let uid = name.strip_prefix(FILE_PREFIX)?.strip_suffix(FILE_SUFFIX)?;
+                let uid = name.strip_prefix(&prefix)?.strip_suffix(FILE_SUFFIX)?;
                 (!is_dir && validate_claim_uid(uid).is_ok()).then(|| uid.to_owned())
             })
             .collect();
@@ -170,7 +220,8 @@ impl CdiStore {
     /// Removes temporary files a crashed write left behind; returns how
     /// many. Call at startup, before any write of this process.
     pub fn remove_temp_files(&self) -> Result<usize, Error> {
-        let temp_prefix = format!(".{FILE_PREFIX}");
+        // Claim specs and the base spec both start with `<vendor>-`.
+        let temp_prefix = format!(".{}-", self.vendor.name());
         let mut removed = 0;
         for (name, is_dir) in self.entries()? {
             if is_dir || !name.starts_with(&temp_prefix) || !name.ends_with(TEMP_SUFFIX) {
@@ -215,11 +266,11 @@ impl CdiStore {
 
 /// The spec must be a claim spec and name only this claim's devices, so the
 /// file name never lies about its content.
-fn check_belongs_to_claim(claim_uid: &str, spec: &Spec) -> Result<(), SpecError> {
-    if spec.kind != KIND {
+fn check_belongs_to_claim(kind: &str, claim_uid: &str, spec: &Spec) -> Result<(), SpecError> {
+    if spec.kind != kind {
         return Err(SpecError::Kind {
             kind: spec.kind.clone(),
-            reason: format!("this store holds only {KIND} specs"),
+            reason: format!("this store holds only {kind} specs"),
         });
     }
     let prefix = claim_device_name(claim_uid, "");
@@ -253,6 +304,7 @@ mod tests {
     use pretty_assertions::assert_eq;
 
     use super::super::spec::{ContainerEdits, Device, DeviceNode};
+    use super::super::{KIND, claim_spec_file_name};
     use super::*;
 
     const UID: &str = "0b5c1a2e-6f3d-4b9a-9d1e-3f2a1b0c9d8e";

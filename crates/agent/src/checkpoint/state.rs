@@ -164,6 +164,10 @@ pub enum DeviceInfo {
     Mig(PreparedMig),
     /// A GPU bound to vfio-pci for passthrough.
     Vfio(PreparedVfio),
+    /// An IMEX channel (`compute-domain.nvidia.com`).
+    Channel(PreparedChannel),
+    /// An IMEX daemon device (`compute-domain.nvidia.com`).
+    Daemon(PreparedDaemon),
     /// A type this build does not know (or an entry it cannot parse): kept verbatim.
     Unknown(Value),
 }
@@ -181,13 +185,19 @@ impl DeviceInfo {
             Self::Gpu(_) => "gpu",
             Self::Mig(_) => "mig",
             Self::Vfio(_) => "vfio",
+            Self::Channel(_) => "channel",
+            Self::Daemon(_) => "daemon",
             Self::Unknown(_) => "unknown",
         }
     }
 }
 
-/// Every `device_type` label [`CheckpointState::prepared_device_counts_by_type`] reports.
+/// Every `device_type` label [`CheckpointState::prepared_device_counts_by_type`] reports (the
+/// `gpu.nvidia.com` driver's).
 pub const DEVICE_TYPE_LABELS: [&str; 4] = ["gpu", "mig", "vfio", "unknown"];
+
+/// The `device_type` labels of the `compute-domain.nvidia.com` driver.
+pub const CD_DEVICE_TYPE_LABELS: [&str; 3] = ["channel", "daemon", "unknown"];
 
 /// Identity of a prepared full GPU.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -241,12 +251,42 @@ pub struct PreparedVfio {
     pub pci_bus_id: Option<String>,
 }
 
+/// Identity of a prepared IMEX channel claim device.
+///
+/// `id` is the physical channel the claim's containers got (`/dev/nvidia-caps-imex-channels/
+/// channel<id>`); every channel claim of one ComputeDomain on a node records the same one.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PreparedChannel {
+    /// The IMEX channel.
+    pub id: u32,
+    /// UID of the ComputeDomain; absent in checkpoints imported from the Go driver.
+    #[serde(rename = "domainID", skip_serializing_if = "Option::is_none")]
+    pub domain_id: Option<String>,
+    /// `Single` or `All` as the claim's config said; `All` injected every channel.
+    #[serde(rename = "allocationMode", skip_serializing_if = "Option::is_none")]
+    pub allocation_mode: Option<String>,
+}
+
+/// Identity of a prepared IMEX daemon claim device.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(default)]
+pub struct PreparedDaemon {
+    /// The published device's ID (always 0, as upstream).
+    pub id: u32,
+    /// UID of the ComputeDomain; absent in checkpoints imported from the Go driver.
+    #[serde(rename = "domainID", skip_serializing_if = "Option::is_none")]
+    pub domain_id: Option<String>,
+}
+
 #[derive(Deserialize)]
 #[serde(tag = "type", rename_all = "lowercase")]
 enum KnownInfo {
     Gpu(PreparedGpu),
     Mig(PreparedMig),
     Vfio(PreparedVfio),
+    Channel(PreparedChannel),
+    Daemon(PreparedDaemon),
 }
 
 #[derive(Serialize)]
@@ -255,6 +295,8 @@ enum KnownInfoRef<'a> {
     Gpu(&'a PreparedGpu),
     Mig(&'a PreparedMig),
     Vfio(&'a PreparedVfio),
+    Channel(&'a PreparedChannel),
+    Daemon(&'a PreparedDaemon),
 }
 
 impl Serialize for DeviceInfo {
@@ -263,6 +305,8 @@ impl Serialize for DeviceInfo {
             Self::Gpu(gpu) => KnownInfoRef::Gpu(gpu).serialize(serializer),
             Self::Mig(mig) => KnownInfoRef::Mig(mig).serialize(serializer),
             Self::Vfio(vfio) => KnownInfoRef::Vfio(vfio).serialize(serializer),
+            Self::Channel(channel) => KnownInfoRef::Channel(channel).serialize(serializer),
+            Self::Daemon(daemon) => KnownInfoRef::Daemon(daemon).serialize(serializer),
             Self::Unknown(raw) => raw.serialize(serializer),
         }
     }
@@ -277,6 +321,8 @@ impl<'de> Deserialize<'de> for DeviceInfo {
             Ok(KnownInfo::Gpu(gpu)) => Self::Gpu(gpu),
             Ok(KnownInfo::Mig(mig)) => Self::Mig(mig),
             Ok(KnownInfo::Vfio(vfio)) => Self::Vfio(vfio),
+            Ok(KnownInfo::Channel(channel)) => Self::Channel(channel),
+            Ok(KnownInfo::Daemon(daemon)) => Self::Daemon(daemon),
             Err(_) => Self::Unknown(raw),
         })
     }
@@ -405,6 +451,12 @@ impl CheckpointState {
     /// The entry of claim `uid`, if recorded.
     pub fn claim(&self, uid: &str) -> Option<&ClaimEntry> {
         self.claims.get(uid)
+    }
+
+    /// The entry of claim `uid` for changes that keep its state (e.g. recording in `extra`
+    /// what a later Unprepare needs before the claim completes).
+    pub fn claim_mut(&mut self, uid: &str) -> Option<&mut ClaimEntry> {
+        self.claims.get_mut(uid)
     }
 
     /// Every claim, in UID order.
@@ -552,14 +604,29 @@ impl CheckpointState {
     /// Prepared devices of completed claims by `device_type` label; every label of
     /// [`DEVICE_TYPE_LABELS`] is present so a gauge drops to zero.
     pub fn prepared_device_counts_by_type(&self) -> BTreeMap<&'static str, usize> {
+        self.prepared_device_counts_for(&DEVICE_TYPE_LABELS)
+    }
+
+    /// Like [`Self::prepared_device_counts_by_type`] for a driver whose labels are `labels`
+    /// (which must contain `unknown`): a device of a type not in `labels` counts as `unknown`.
+    pub fn prepared_device_counts_for(
+        &self,
+        labels: &[&'static str],
+    ) -> BTreeMap<&'static str, usize> {
         let mut counts: BTreeMap<&'static str, usize> =
-            DEVICE_TYPE_LABELS.iter().map(|label| (*label, 0)).collect();
+            labels.iter().map(|label| (*label, 0)).collect();
         for entry in self.claims.values() {
             if entry.state != ClaimState::PrepareCompleted {
                 continue;
             }
             for device in entry.devices() {
-                *counts.entry(device.info.type_label()).or_default() += 1;
+                let label = device.info.type_label();
+                let label = if labels.contains(&label) {
+                    label
+                } else {
+                    "unknown"
+                };
+                *counts.entry(label).or_default() += 1;
             }
         }
         counts

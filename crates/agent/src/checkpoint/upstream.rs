@@ -20,8 +20,8 @@ use serde_json::{Map, Value};
 use nvdra_api::names::drivers;
 
 use super::state::{
-    AllocatedDevice, CheckpointState, ClaimEntry, ClaimState, DeviceInfo, PreparedDevice,
-    PreparedGpu, PreparedGroup, PreparedMig, PreparedVfio,
+    AllocatedDevice, CheckpointState, ClaimEntry, ClaimState, DeviceInfo, PreparedChannel,
+    PreparedDaemon, PreparedDevice, PreparedGpu, PreparedGroup, PreparedMig, PreparedVfio,
 };
 
 /// Builds a state from the Go driver's `v1`/`v2` members.
@@ -167,6 +167,16 @@ fn prepared_device(raw: &Value, allocated: &[AllocatedDevice]) -> PreparedDevice
                 pci_bus_id: opt_str_at(&info, "pciBusID"),
             })
         }
+        // The compute-domain plugin records `{id}` only; the domain is not known here.
+        "channel" => DeviceInfo::Channel(PreparedChannel {
+            id: u32_at(&object_at(body, "info"), "id").unwrap_or_default(),
+            domain_id: None,
+            allocation_mode: None,
+        }),
+        "daemon" => DeviceInfo::Daemon(PreparedDaemon {
+            id: u32_at(&object_at(body, "info"), "id").unwrap_or_default(),
+            domain_id: None,
+        }),
         _ => DeviceInfo::Unknown(raw.clone()),
     };
     let admin_access = allocated

@@ -162,8 +162,11 @@ impl Ledger {
     }
 
     fn publish_gauge(&self) {
-        self.metrics
-            .set_prepared_devices(&self.state.prepared_device_counts_by_type());
+        self.metrics.set_prepared_devices(
+            &self
+                .state
+                .prepared_device_counts_for(self.metrics.device_types()),
+        );
     }
 
     fn current_stamp(&self) -> Option<FileStamp> {

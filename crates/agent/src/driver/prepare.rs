@@ -530,7 +530,7 @@ fn roll_back_after_failure(shared: &Shared, ledger: &mut Ledger, uid: &str) {
 }
 
 /// The devices as the kubelet-plugin library wants them.
-pub(super) fn kubelet_devices(
+pub(crate) fn kubelet_devices(
     groups: &[PreparedGroup],
 ) -> Vec<nvdra_kubelet_plugin::PreparedDevice> {
     groups
