@@ -175,10 +175,11 @@ expect_same "only gpu.nvidia.com has an extended resource" 1 \
 expect_same "every DeviceClass is resource.k8s.io/v1" 5 \
 	"$(grep -B0 -A1 '^apiVersion: resource.k8s.io/v1$' <<<"$default" | grep -c '^kind: DeviceClass$')"
 
-expect_same "ServiceAccount name" "$sa" "$(kind_names ServiceAccount <<<"$default")"
+kp_rbac="$(ok_render --show-only templates/rbac-kubeletplugin.yaml)"
+expect_same "ServiceAccount name" "$sa" "$(kind_names ServiceAccount <<<"$kp_rbac")"
 expect_same "DaemonSet runs as that ServiceAccount" "      serviceAccountName: $sa" \
-	"$(grep 'serviceAccountName:' <<<"$default")"
-expect_same "ClusterRole name" "nvdra-clusterrole-kubeletplugin" "$(kind_names ClusterRole <<<"$default")"
+	"$(ok_render --show-only templates/kubeletplugin.yaml | grep 'serviceAccountName:')"
+expect_same "ClusterRole name" "nvdra-clusterrole-kubeletplugin" "$(kind_names ClusterRole <<<"$kp_rbac")"
 expect_same "ClusterRole rules (least privilege)" \
 '  - apiGroups: ["resource.k8s.io"]
     resources: ["resourceslices"]
@@ -188,8 +189,41 @@ expect_same "ClusterRole rules (least privilege)" \
     verbs: ["get", "list"]
   - apiGroups: [""]
     resources: ["nodes"]
-    verbs: ["get"]' \
-	"$(clusterrole_rules <<<"$default")"
+    verbs: ["get", "patch"]
+  - apiGroups: ["resource.nvidia.com"]
+    resources: ["computedomains"]
+    verbs: ["list"]' \
+	"$(clusterrole_rules <<<"$kp_rbac")"
+expect_contains "agent Role: cliques list in the driver namespace" \
+'  name: nvdra-role-kubeletplugin
+  namespace: nvdra' "$kp_rbac"
+
+ctl="$(ok_render --show-only templates/controller.yaml)"
+expect_same "controller ServiceAccount" "$release-nvdra-service-account-controller" \
+	"$(kind_names ServiceAccount <<<"$ctl")"
+expect_contains "controller Deployment runs nvdra-controller as it" \
+"      serviceAccountName: $release-nvdra-service-account-controller" "$ctl"
+expect_same "controller ClusterRole rules (least privilege)" \
+'  - apiGroups: ["resource.nvidia.com"]
+    resources: ["computedomains"]
+    verbs: ["get", "list", "watch", "patch"]
+  - apiGroups: ["resource.nvidia.com"]
+    resources: ["computedomains/status"]
+    verbs: ["patch"]
+  - apiGroups: ["resource.k8s.io"]
+    resources: ["resourceclaimtemplates"]
+    verbs: ["get", "list", "watch", "create", "patch", "delete"]
+  - apiGroups: [""]
+    resources: ["nodes"]
+    verbs: ["list", "patch"]
+  - apiGroups: ["events.k8s.io"]
+    resources: ["events"]
+    verbs: ["create", "patch"]' "$(clusterrole_rules <<<"$ctl")"
+expect_same "controller's daemons get the chart image" 'ghcr.io/nvdra/nvdra:v0.1.0' \
+	"$(env_value IMAGE_NAME <<<"$ctl")"
+daemon_rbac="$(ok_render --show-only templates/rbac-computedomain-daemon.yaml)"
+expect_same "daemon ServiceAccount (fixed name the DaemonSets use)" \
+	"compute-domain-daemon-service-account" "$(kind_names ServiceAccount <<<"$daemon_rbac")"
 binding="$(ok_render --show-only templates/rbac-kubeletplugin.yaml)"
 expect_contains "ClusterRoleBinding binds the ClusterRole to the ServiceAccount" \
 "subjects:
@@ -237,14 +271,19 @@ no_gpu="$(render --set resources.gpus.enabled=false)"
 expect_same "gpus.enabled=false keeps only the compute-domain classes" \
 "compute-domain-daemon.nvidia.com
 compute-domain-default-channel.nvidia.com" "$(kind_names DeviceClass <<<"$no_gpu")"
-expect_absent "gpus.enabled=false renders no kubelet plugin" "kind: DaemonSet" "$no_gpu"
-expect_absent "gpus.enabled=false renders no RBAC" "kind: ClusterRole" "$no_gpu"
+expect_same "gpus.enabled=false: the agent serves compute domains only" 'false' \
+	"$(render --set resources.gpus.enabled=false --show-only templates/kubeletplugin.yaml | env_value NVDRA_GPUS)"
+neither="$(render --set resources.gpus.enabled=false --set resources.computeDomains.enabled=false)"
+expect_absent "both drivers off renders no kubelet plugin" "kind: DaemonSet" "$neither"
+expect_absent "both drivers off renders no RBAC" "kind: ClusterRole" "$neither"
+expect_absent "computeDomains.enabled=false renders no controller" "kind: Deployment" "$no_cd"
 
-named="$(ok_render --set serviceAccount.name=gpu-agent)"
+named="$(ok_render --set serviceAccount.name=gpu-agent --show-only templates/rbac-kubeletplugin.yaml)"
 expect_same "serviceAccount.name overrides the base name" "gpu-agent-kubeletplugin" \
 	"$(kind_names ServiceAccount <<<"$named")"
 byo="$(ok_render --set serviceAccount.create=false)"
-expect_absent "serviceAccount.create=false renders no RBAC" "kind: ClusterRole" "$byo"
+expect_absent "serviceAccount.create=false renders no kubelet-plugin RBAC" "kind: ClusterRole" \
+	"$(ok_render --set serviceAccount.create=false --show-only templates/rbac-kubeletplugin.yaml 2>/dev/null)"
 expect_contains "serviceAccount.create=false runs as default-kubeletplugin" \
 	"serviceAccountName: default-kubeletplugin" "$byo"
 

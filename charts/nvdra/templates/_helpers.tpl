@@ -108,7 +108,7 @@ gRPC bodies) traces nvdra and logs the Kubernetes client's requests.
 {{- fail (printf "logVerbosity must be a whole number 0 or greater (got %q); e.g. --set logVerbosity=4" $raw) -}}
 {{- end -}}
 {{- $v := atoi $raw -}}
-{{- $crates := list "nvdra_agent" "nvdra_kubelet_plugin" "nvdra_gpu" "nvdra_api" -}}
+{{- $crates := .crates | default (list "nvdra_agent" "nvdra_kubelet_plugin" "nvdra_gpu" "nvdra_api") -}}
 {{- if le $v 2 -}}
 info
 {{- else if le $v 5 -}}
@@ -123,14 +123,29 @@ info
 {{- end -}}
 
 {{/*
-The port of kubeletPlugin.metrics.gpuHttpEndpoint (`:8080`, `0.0.0.0:8080`,
-`[::]:8080`), for the container port and the probes.
+The port of an HTTP endpoint value (`:8080`, `0.0.0.0:8080`, `[::]:8080`),
+for the container port and the probes. Call with (dict "value" V "key" "a.b"
+"off" "x.enabled=false"): the key and the switch name the value in errors.
 */}}
-{{- define "nvdra.gpuHttpPort" -}}
-{{- $endpoint := toString .Values.kubeletPlugin.metrics.gpuHttpEndpoint -}}
+{{- define "nvdra.endpointPort" -}}
+{{- $endpoint := toString .value -}}
 {{- $port := regexFind "[0-9]+$" $endpoint -}}
 {{- if or (not (regexMatch ":[0-9]+$" $endpoint)) (lt (atoi $port) 1) (gt (atoi $port) 65535) -}}
-{{- fail (printf "kubeletPlugin.metrics.gpuHttpEndpoint must end in :<port> with a port from 1 to 65535 (got %q); e.g. \":8080\", or set kubeletPlugin.metrics.enabled=false to serve no HTTP" $endpoint) -}}
+{{- fail (printf "%s must end in :<port> with a port from 1 to 65535 (got %q); e.g. \":8080\", or set %s to serve no HTTP" .key $endpoint .off) -}}
 {{- end -}}
 {{- $port -}}
+{{- end -}}
+
+{{/* The port of kubeletPlugin.metrics.gpuHttpEndpoint. */}}
+{{- define "nvdra.gpuHttpPort" -}}
+{{- include "nvdra.endpointPort" (dict "value" .Values.kubeletPlugin.metrics.gpuHttpEndpoint "key" "kubeletPlugin.metrics.gpuHttpEndpoint" "off" "kubeletPlugin.metrics.enabled=false") -}}
+{{- end -}}
+
+{{/* imagePullSecrets' names, comma-separated (for the daemons' DaemonSets). */}}
+{{- define "nvdra.pullSecretNames" -}}
+{{- $names := list -}}
+{{- range .Values.imagePullSecrets -}}
+{{- $names = append $names .name -}}
+{{- end -}}
+{{- join "," $names -}}
 {{- end -}}

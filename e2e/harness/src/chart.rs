@@ -32,6 +32,9 @@ pub struct Rendered {
     /// The image of the chart's containers (`repository:tag`): pods using
     /// it run our binaries as local processes on the simulated nodes.
     pub image: String,
+    /// Namespace and name of the controller Deployment's service account,
+    /// when the chart renders the controller.
+    pub controller_service_account: Option<(String, String)>,
 }
 
 /// Renders the chart as release `release` in `namespace` with `--set`
@@ -76,6 +79,7 @@ pub fn parse(text: &str, namespace: &str) -> Result<Rendered> {
     let mut objects = Vec::new();
     let mut agent_service_account = None;
     let mut image = None;
+    let mut controller_service_account = None;
     for doc in docs.into_iter().flatten() {
         if doc.is_null() {
             continue;
@@ -90,6 +94,16 @@ pub fn parse(text: &str, namespace: &str) -> Result<Rendered> {
             agent_service_account = Some((ns.to_owned(), sa.to_owned()));
             image = spec["containers"][0]["image"].as_str().map(str::to_owned);
         }
+        if kind == "Deployment" {
+            let spec = &doc["spec"]["template"]["spec"];
+            if spec["containers"][0]["command"][0] == "nvdra-controller" {
+                let sa = spec["serviceAccountName"]
+                    .as_str()
+                    .context("the chart's controller Deployment names no serviceAccountName")?;
+                let ns = doc["metadata"]["namespace"].as_str().unwrap_or(namespace);
+                controller_service_account = Some((ns.to_owned(), sa.to_owned()));
+            }
+        }
         if kind == "CustomResourceDefinition" {
             crds.push(doc);
         } else if !WORKLOAD_KINDS.contains(&kind.as_str()) {
@@ -102,6 +116,7 @@ pub fn parse(text: &str, namespace: &str) -> Result<Rendered> {
         agent_service_account: agent_service_account
             .context("the chart rendered no agent DaemonSet")?,
         image: image.context("the chart's DaemonSet has no container image")?,
+        controller_service_account,
     })
 }
 

@@ -18,7 +18,8 @@ use serde::{Deserialize, Serialize};
 use crate::chart;
 use crate::controlplane::ControlPlane;
 use crate::node::{self, NodeDirs, NodeLaunch, NodeSpec};
-use crate::tools::Tools;
+use crate::supervisor::Supervisor;
+use crate::tools::{Tools, repo_root};
 use crate::wait;
 
 /// The namespace the chart is installed into.
@@ -39,6 +40,9 @@ pub struct ClusterSpec {
     /// Extra flags for every agent.
     #[serde(default)]
     pub agent_extra: Vec<String>,
+    /// ComputeDomain controller replicas (leader-elected); 0 runs none.
+    #[serde(default)]
+    pub controllers: u8,
 }
 
 impl ClusterSpec {
@@ -60,6 +64,7 @@ impl ClusterSpec {
             nodes,
             chart_sets: Vec::new(),
             agent_extra: Vec::new(),
+            controllers: 1,
         }
     }
 }
@@ -151,7 +156,12 @@ impl Cluster {
         )?;
         self.agent_ports = self.cp.free_ports(self.spec.nodes.len())?;
         self.save()?;
-        for (spec, port) in self.spec.nodes.iter().zip(&self.agent_ports) {
+        if self.spec.controllers > 0 {
+            self.start_controllers(&rendered, &identities)?;
+        }
+        let driver_root = driver_root(&self.tools, &self.dir)?;
+        let short_nodes_dir = short_link(&self.dir)?;
+        for (index, (spec, port)) in self.spec.nodes.iter().zip(&self.agent_ports).enumerate() {
             let dirs = NodeDirs::new(&self.dir, &spec.name);
             node::start(
                 &self.tools,
@@ -163,12 +173,59 @@ impl Cluster {
                     agent_http_port: *port,
                     agent_extra: &self.spec.agent_extra,
                     image: &rendered.image,
+                    driver_root: &driver_root,
+                    pod_cidr: &node::pod_cidr(index),
+                    namespace: NAMESPACE,
+                    short_nodes_dir: &short_nodes_dir,
                 },
             )?;
         }
         self.wait_nodes_published(&client, Duration::from_secs(120))
             .await?;
         Ok(self)
+    }
+
+    /// Starts `spec.controllers` leader-elected `nvdra-controller` replicas
+    /// under one supervisor in `<dir>/controller`, as the chart's controller
+    /// ServiceAccount, configured as the chart's Deployment configures them.
+    fn start_controllers(&self, rendered: &chart::Rendered, identities: &Path) -> Result<()> {
+        let sa = rendered
+            .controller_service_account
+            .as_ref()
+            .context("the chart rendered no controller Deployment")?;
+        let kubeconfig = chart::service_account_kubeconfig(
+            &self.cp,
+            sa,
+            48,
+            &identities.join("controller.kubeconfig"),
+        )?;
+        let bin = self.tools.bin("nvdra-controller")?;
+        let ports = self.cp.free_ports(usize::from(self.spec.controllers))?;
+        let groups: Vec<Vec<String>> = ports
+            .iter()
+            .enumerate()
+            .map(|(i, port)| {
+                vec![
+                    format!("exec:controller-{i}"),
+                    bin.display().to_string(),
+                    format!("--pod-name={RELEASE}-controller-{i}"),
+                    format!("--namespace={NAMESPACE}"),
+                    format!("--image-name={}", rendered.image),
+                    format!("--kubeconfig={}", kubeconfig.display()),
+                    format!("--http-endpoint=127.0.0.1:{port}"),
+                    "--leader-election-enabled=true".to_owned(),
+                    format!("--lease-lock-namespace={NAMESPACE}"),
+                    format!("--lease-lock-name={RELEASE}-controller"),
+                    "--log-verbosity-cd-daemon=4".to_owned(),
+                ]
+            })
+            .collect();
+        Supervisor::new(&self.controller_dir()).start(&self.tools, "the controllers", &groups)
+    }
+
+    /// The controllers' supervisor directory.
+    pub fn controller_dir(&self) -> PathBuf {
+        self.dir.join("controller")
     }
 
     /// Reattaches to the cluster recorded in `dir`.
@@ -188,6 +245,9 @@ impl Cluster {
     /// Succeeds when nothing is running there.
     pub fn down(dir: &Path) -> Result<()> {
         let mut first_err = None;
+        if let Err(err) = Supervisor::new(&dir.join("controller")).stop(Duration::from_secs(30)) {
+            first_err.get_or_insert(err);
+        }
         if let Ok(state) = load(dir) {
             for n in &state.spec.nodes {
                 if let Err(err) = node::stop(&NodeDirs::new(dir, &n.name), Duration::from_secs(40))
@@ -199,6 +259,8 @@ impl Cluster {
         if let Err(err) = ControlPlane::down(dir) {
             first_err.get_or_insert(err);
         }
+        // The link is only a path shortener; the directory behind it stays.
+        let _ = std::fs::remove_file(short_link_path(dir));
         match first_err {
             Some(err) => Err(err),
             None => Ok(()),
@@ -266,6 +328,65 @@ impl Cluster {
         std::fs::write(&path, serde_json::to_vec_pretty(&state)?)
             .with_context(|| format!("write {}", path.display()))
     }
+}
+
+/// `/tmp/nvdra-<hash of dir>`: where [`short_link`] puts its link.
+fn short_link_path(dir: &Path) -> PathBuf {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in dir.as_os_str().as_encoded_bytes() {
+        h = (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    std::env::temp_dir().join(format!("nvdra-{:08x}", h as u32))
+}
+
+/// A short link to `<dir>/nodes`, through which the node processes see
+/// their directories: kubelet plugin socket paths (e.g.
+/// `.../plugins_registry/compute-domain.nvidia.com-reg.sock`) must stay
+/// under the 108-byte Unix socket limit however deep the checkout is.
+fn short_link(dir: &Path) -> Result<PathBuf> {
+    let nodes = dir.join("nodes");
+    std::fs::create_dir_all(&nodes).with_context(|| format!("create {}", nodes.display()))?;
+    let link = short_link_path(dir);
+    // A stale link from an earlier cluster in the same directory.
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(&nodes, &link)
+        .with_context(|| format!("link {} -> {}", link.display(), nodes.display()))?;
+    Ok(link)
+}
+
+/// The cluster's NVIDIA driver root: a copy of the fake driver root of
+/// `crates/gpu/profiles/driver-root` (empty files and relative soname links;
+/// a copy because the agent refuses library paths that leave the root) plus
+/// stand-ins for the host driver's `nvidia-imex` and `nvidia-imex-ctl`,
+/// which reach IMEX daemons through the agent's base CDI spec as the real
+/// binaries would.
+fn driver_root(tools: &Tools, dir: &Path) -> Result<PathBuf> {
+    let fake = repo_root().join("crates/gpu/profiles/driver-root");
+    let root = dir.join("driver-root");
+    std::fs::create_dir_all(&root).with_context(|| format!("create {}", root.display()))?;
+    let status = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(fake.join("."))
+        .arg(&root)
+        .status()
+        .context("run cp")?;
+    if !status.success() {
+        bail!(
+            "copying {} to {} failed ({status})",
+            fake.display(),
+            root.display()
+        );
+    }
+    let bin = root.join("usr/bin");
+    for (standin, name) in [
+        ("nvdra-e2e-imex", "nvidia-imex"),
+        ("nvdra-e2e-imex-ctl", "nvidia-imex-ctl"),
+    ] {
+        let target = tools.bin(standin)?;
+        std::os::unix::fs::symlink(&target, bin.join(name))
+            .with_context(|| format!("link {name} -> {}", target.display()))?;
+    }
+    Ok(root)
 }
 
 fn load(dir: &Path) -> Result<State> {

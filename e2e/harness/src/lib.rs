@@ -18,6 +18,7 @@ pub mod cluster;
 pub mod controlplane;
 pub mod local_cluster;
 pub mod node;
+pub mod supervisor;
 pub mod tools;
 pub mod wait;
 

@@ -15,14 +15,14 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use nvdra_gpu::{FakeBackend, GpuBackend, Inventory};
 use serde::{Deserialize, Serialize};
 
-use crate::tools::{Tools, repo_root};
+use crate::supervisor::Supervisor;
+use crate::tools::Tools;
 
 /// One simulated node: a name and the fake GPU profile its agent serves.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -152,6 +152,14 @@ pub struct NodeLaunch<'a> {
     /// Our image (`repository[:tag]`); its pods run binaries from the
     /// directory of the agent binary as local processes.
     pub image: &'a str,
+    /// The NVIDIA driver root the agent sees (host and container path).
+    pub driver_root: &'a Path,
+    /// The node's pod addresses (a /24 of 127.0.0.0/8).
+    pub pod_cidr: &'a str,
+    /// The chart's namespace (the agent's `--namespace`).
+    pub namespace: &'a str,
+    /// A short path (a link) to the parent of the node directories.
+    pub short_nodes_dir: &'a Path,
 }
 
 /// Starts a node's supervisor; returns once it has written its PID file.
@@ -162,8 +170,6 @@ pub fn start(tools: &Tools, launch: &NodeLaunch<'_>) -> Result<()> {
         dirs.plugins(),
         dirs.cdi(),
         dirs.root().join("pods"),
-        dirs.pids(),
-        dirs.logs(),
     ] {
         std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
     }
@@ -173,14 +179,20 @@ pub fn start(tools: &Tools, launch: &NodeLaunch<'_>) -> Result<()> {
             .with_context(|| format!("write {}", boot_id.display()))?;
     }
     let inventory = launch.spec.inventory()?;
-    let driver_root = repo_root().join("crates/gpu/profiles/driver-root");
+    // The processes see the node through a short link: socket paths must
+    // stay under 108 bytes wherever the repository is checked out.
+    let short = NodeDirs {
+        dir: launch.short_nodes_dir.join(&launch.spec.name),
+    };
+    let driver_root = launch.driver_root;
 
     let mut emulator: Vec<String> = vec![
         "exec:kubelet".into(),
         path(&tools.bin("nvdra-kubelet-emulator")?),
         format!("--kubeconfig={}", launch.node_kubeconfig.display()),
         format!("--node-name={}", launch.spec.name),
-        format!("--root-dir={}", dirs.root().display()),
+        format!("--root-dir={}", short.root().display()),
+        format!("--pod-cidr={}", launch.pod_cidr),
     ];
     for (k, v) in labels(&inventory) {
         emulator.push(format!("--label={k}={v}"));
@@ -198,138 +210,40 @@ pub fn start(tools: &Tools, launch: &NodeLaunch<'_>) -> Result<()> {
         format!("--container-driver-root={}", driver_root.display()),
         format!(
             "--kubelet-registrar-directory-path={}",
-            dirs.registry().display()
+            short.registry().display()
         ),
         format!(
             "--kubelet-plugins-directory-path={}",
-            dirs.plugins().display()
+            short.plugins().display()
         ),
-        format!("--cdi-root={}", dirs.cdi().display()),
+        format!("--cdi-root={}", short.cdi().display()),
         format!("--http-endpoint=127.0.0.1:{}", launch.agent_http_port),
         format!("--boot-id-path={}", boot_id.display()),
+        format!("--namespace={}", launch.namespace),
     ];
     agent.extend(launch.agent_extra.iter().cloned());
 
-    let log = std::fs::File::create(dirs.logs().join("all.log"))
-        .with_context(|| format!("create {}", dirs.logs().join("all.log").display()))?;
-    let mut cmd = Command::new("setsid");
-    cmd.arg(&tools.controlplane)
-        .arg("all")
-        .arg(format!("--log-dir={}", dirs.logs().display()))
-        .arg(format!("--pid-dir={}", dirs.pids().display()))
-        .arg("--restarts=50")
-        .arg("--stop-timeout=15s")
-        .arg("--")
-        .args(&emulator)
-        .arg("--")
-        .args(&agent)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log);
-    let mut child = cmd.spawn().context("start the node supervisor")?;
-
-    let pid_file = dirs.pids().join("all.pid");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !pid_file.exists() {
-        if let Some(status) = child.try_wait()? {
-            bail!(
-                "the supervisor of node {} exited ({status}); see {}",
-                launch.spec.name,
-                dirs.logs().join("all.log").display()
-            );
-        }
-        if Instant::now() > deadline {
-            bail!(
-                "the supervisor of node {} wrote no PID file",
-                launch.spec.name
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Ok(())
+    Supervisor::new(&dirs.dir).start(
+        tools,
+        &format!("node {}", launch.spec.name),
+        &[emulator, agent],
+    )
 }
 
-/// The PID in `dirs/pids/<name>.pid`, if that process is running.
+/// The PID of the node's process `name` (`kubelet`, `agent`, `all`), if running.
 pub fn pid(dirs: &NodeDirs, name: &str) -> Option<u32> {
-    let text = std::fs::read_to_string(dirs.pids().join(format!("{name}.pid"))).ok()?;
-    let pid: u32 = text.trim().parse().ok()?;
-    Path::new(&format!("/proc/{pid}")).exists().then_some(pid)
-}
-
-/// Sends `signal` (e.g. `KILL`, `TERM`) to a running process.
-pub fn signal(pid: u32, signal: &str) -> Result<()> {
-    let status = Command::new("kill")
-        .arg(format!("-{signal}"))
-        .arg(pid.to_string())
-        .status()
-        .context("run kill")?;
-    if !status.success() {
-        bail!("kill -{signal} {pid} failed ({status})");
-    }
-    Ok(())
+    Supervisor::new(&dirs.dir).pid(name)
 }
 
 /// Kills the node's agent with `sig`; the supervisor starts a new one.
 /// Returns the old PID.
 pub fn kill_agent(dirs: &NodeDirs, sig: &str) -> Result<u32> {
-    let old = pid(dirs, "agent").context("the agent is not running")?;
-    signal(old, sig)?;
-    Ok(old)
+    Supervisor::new(&dirs.dir).kill("agent", sig)
 }
 
-/// Stops a node: SIGTERM to its supervisor (which stops the agent, then the
-/// emulator), then anything left in its session is killed. Never touches a
-/// process outside the node's session.
+/// Stops a node's processes (see [`Supervisor::stop`]).
 pub fn stop(dirs: &NodeDirs, timeout: Duration) -> Result<()> {
-    let Some(sup) = pid(dirs, "all") else {
-        return Ok(());
-    };
-    let members = || session_members(sup);
-    signal(sup, "TERM")?;
-    let deadline = Instant::now() + timeout;
-    while !members().is_empty() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let left = members();
-    for pid in &left {
-        // Best effort: the process may exit between listing and signalling.
-        let _ = signal(*pid, "KILL");
-    }
-    std::thread::sleep(Duration::from_millis(200));
-    let left = members();
-    if !left.is_empty() {
-        bail!(
-            "processes of node {} still running: {left:?}",
-            dirs.dir.display()
-        );
-    }
-    Ok(())
-}
-
-/// PIDs of live processes in session `sid` (the supervisor leads its
-/// session). Zombies are not counted: an orphan's exit status waits for
-/// init to reap it, which can take a while in a container.
-fn session_members(sid: u32) -> Vec<u32> {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    entries
-        .filter_map(|e| e.ok()?.file_name().to_str()?.parse::<u32>().ok())
-        .filter(|pid| matches!(session_of(*pid), Some((s, state)) if s == sid && state != 'Z'))
-        .collect()
-}
-
-/// The session ID and state letter of `pid`, from `/proc/PID/stat` (fields
-/// 6 and 3; the command name in field 2 may contain spaces, so fields are
-/// counted after its `)`).
-fn session_of(pid: u32) -> Option<(u32, char)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let after = &stat[stat.rfind(')')? + 1..];
-    // After ")": state ppid pgrp session ...
-    let mut fields = after.split_whitespace();
-    let state = fields.next()?.chars().next()?;
-    let session = fields.nth(2)?.parse().ok()?;
-    Some((session, state))
+    Supervisor::new(&dirs.dir).stop(timeout)
 }
 
 /// A stable UUID-shaped string derived from `seed` (boot IDs of simulated
@@ -402,17 +316,14 @@ mod tests {
     }
 
     #[test]
-    fn session_of_this_process_is_readable() {
-        // Parsed past the command name: a live state letter and a session.
-        let (session, state) = session_of(std::process::id()).unwrap();
-        assert!("RSD".contains(state), "state {state}");
-        assert!(session > 0);
-    }
-
-    #[test]
     fn pseudo_uuids_are_stable_and_distinct() {
         assert_eq!(pseudo_uuid("a"), pseudo_uuid("a"));
         assert_ne!(pseudo_uuid("a"), pseudo_uuid("b"));
         assert_eq!(pseudo_uuid("a").len(), 36);
     }
+}
+
+/// The pod CIDR of the `index`th node: `127.<1 + index / 250>.<index % 250>.0/24`.
+pub fn pod_cidr(index: usize) -> String {
+    format!("127.{}.{}.0/24", 1 + index / 250, index % 250)
 }

@@ -210,6 +210,8 @@ fn functional_spec() -> ClusterSpec {
             .collect(),
         chart_sets: Vec::new(),
         agent_extra: Vec::new(),
+        // Two, so a scenario can kill the leader and watch the standby take over.
+        controllers: 2,
     }
 }
 
@@ -225,6 +227,7 @@ fn latency_spec() -> ClusterSpec {
             .collect(),
         chart_sets: Vec::new(),
         agent_extra: Vec::new(),
+        controllers: 0,
     }
 }
 
