@@ -268,6 +268,11 @@ fn path(p: &Path) -> String {
     p.display().to_string()
 }
 
+/// The pod CIDR of the `index`th node: `127.<1 + index / 250>.<index % 250>.0/24`.
+pub fn pod_cidr(index: usize) -> String {
+    format!("127.{}.{}.0/24", 1 + index / 250, index % 250)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -321,9 +326,4 @@ mod tests {
         assert_ne!(pseudo_uuid("a"), pseudo_uuid("b"));
         assert_eq!(pseudo_uuid("a").len(), 36);
     }
-}
-
-/// The pod CIDR of the `index`th node: `127.<1 + index / 250>.<index % 250>.0/24`.
-pub fn pod_cidr(index: usize) -> String {
-    format!("127.{}.{}.0/24", 1 + index / 250, index % 250)
 }
