@@ -13,6 +13,7 @@
 #![allow(clippy::print_stderr)]
 
 mod e2e {
+    pub mod computedomain;
     pub mod env;
     pub mod perf;
     pub mod scenarios;
@@ -85,6 +86,21 @@ const SCENARIOS: &[(&str, Scenario, u64)] = &[
         "corrupt_checkpoint_recovered",
         |e| Box::pin(e2e::scenarios::corrupt_checkpoint_recovered(e)),
         120,
+    ),
+    (
+        "cd_four_node_domain",
+        |e| Box::pin(e2e::computedomain::four_node_domain(e)),
+        300,
+    ),
+    (
+        "cd_two_domains_share_nodes",
+        |e| Box::pin(e2e::computedomain::two_domains_share_nodes(e)),
+        300,
+    ),
+    (
+        "cd_bad_channel_claims",
+        |e| Box::pin(e2e::computedomain::bad_channel_claims(e)),
+        180,
     ),
 ];
 
@@ -190,7 +206,8 @@ fn tally(
     }
 }
 
-/// Six nodes of four GPU generations.
+/// Eight nodes of four GPU generations; the four GB200 trays share one
+/// NVLink clique.
 fn functional_spec() -> ClusterSpec {
     let nodes = [
         ("h100-0", "h100-sxm-80gb-x8"),
@@ -198,6 +215,8 @@ fn functional_spec() -> ClusterSpec {
         ("a100-0", "a100-40gb-x8-mig"),
         ("gb200-0", "gb200-x4"),
         ("gb200-1", "gb200-x4"),
+        ("gb200-2", "gb200-x4"),
+        ("gb200-3", "gb200-x4"),
         ("l4-0", "l4-x2"),
     ];
     ClusterSpec {

@@ -1,0 +1,389 @@
+//! ComputeDomain scenarios (issue 5) on the fabric-attached nodes of the
+//! functional cluster: gb200-0..3, one NVLink clique.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, ensure};
+use k8s_openapi::api::apps::v1::DaemonSet;
+use k8s_openapi::api::core::v1::{Node, Pod};
+use k8s_openapi::api::resource::v1::ResourceClaimTemplate;
+use kube::Api;
+use kube::api::{DeleteParams, ListParams};
+use nvdra_api::{ComputeDomain, ComputeDomainClique};
+use nvdra_e2e::cluster::NAMESPACE;
+use nvdra_e2e::wait;
+use serde_json::Value;
+
+use super::env::{Env, node_of};
+
+pub const FABRIC_NODES: [&str; 4] = ["gb200-0", "gb200-1", "gb200-2", "gb200-3"];
+
+fn compute_domain(ns: &str, name: &str, num_nodes: u32, template: &str) -> String {
+    format!(
+        "apiVersion: resource.nvidia.com/v1beta1
+kind: ComputeDomain
+metadata: {{ namespace: {ns}, name: {name} }}
+spec:
+  numNodes: {num_nodes}
+  channel:
+    resourceClaimTemplate: {{ name: {template} }}
+"
+    )
+}
+
+/// Creates a ComputeDomain and returns its UID once the controller has
+/// created its workload claim template.
+async fn create_domain(env: &Env, ns: &str, name: &str, nodes: u32) -> Result<String> {
+    let template = format!("{name}-channel");
+    env.apply(&compute_domain(ns, name, nodes, &template))?;
+    let rcts: Api<ResourceClaimTemplate> = Api::namespaced(env.client.clone(), ns);
+    wait::until(
+        Duration::from_secs(30),
+        "the workload claim template",
+        || async { Ok(rcts.get_opt(&template).await?.is_some()) },
+    )
+    .await?;
+    let cds: Api<ComputeDomain> = Api::namespaced(env.client.clone(), ns);
+    Ok(cds.get(name).await?.metadata.uid.unwrap_or_default())
+}
+
+/// Waits until the domain's status is Ready with `nodes` Ready nodes.
+async fn wait_domain_ready(env: &Env, ns: &str, name: &str, nodes: usize) -> Result<ComputeDomain> {
+    let cds: Api<ComputeDomain> = Api::namespaced(env.client.clone(), ns);
+    wait::value(
+        Duration::from_secs(90),
+        &format!("ComputeDomain {ns}/{name} Ready"),
+        || async {
+            let cd = cds.get(name).await?;
+            let status = serde_json::to_value(&cd.status)?;
+            let ready = status["status"] == "Ready"
+                && status["nodes"]
+                    .as_array()
+                    .is_some_and(|n| n.len() == nodes && n.iter().all(|n| n["status"] == "Ready"));
+            Ok(ready.then_some(cd))
+        },
+    )
+    .await
+}
+
+/// The device nodes the emulator recorded for a pod's containers.
+fn device_nodes(env: &Env, pod: &Pod) -> Result<Vec<String>> {
+    let uid = pod.metadata.uid.clone().unwrap_or_default();
+    let path = env
+        .cluster
+        .node_dirs(&node_of(pod))
+        .pod(&uid)
+        .join("container-edits.json");
+    let edits: Value = serde_json::from_slice(
+        &std::fs::read(&path).with_context(|| format!("read {}", path.display()))?,
+    )?;
+    Ok(edits["deviceNodes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|d| d["path"].as_str().map(str::to_owned))
+        .collect())
+}
+
+/// The IMEX channel device of a pod (exactly one expected).
+fn channel_of(env: &Env, pod: &Pod) -> Result<String> {
+    let channels: Vec<String> = device_nodes(env, pod)?
+        .into_iter()
+        .filter(|p| p.starts_with("/dev/nvidia-caps-imex-channels/channel"))
+        .collect();
+    ensure!(
+        channels.len() == 1,
+        "pod {} sees channel devices {channels:?}, want one",
+        pod.metadata.name.clone().unwrap_or_default()
+    );
+    Ok(channels[0].clone())
+}
+
+/// Deletes the domain and checks nothing of it is left anywhere.
+async fn delete_domain_and_check_clean(env: &Env, ns: &str, name: &str, uid: &str) -> Result<()> {
+    let cds: Api<ComputeDomain> = Api::namespaced(env.client.clone(), ns);
+    cds.delete(name, &DeleteParams::default()).await?;
+    wait::until(
+        Duration::from_secs(60),
+        "the ComputeDomain to go",
+        || async { Ok(cds.get_opt(name).await?.is_none()) },
+    )
+    .await?;
+    let daemon = nvdra_api::names::objects::daemon_name(uid);
+    let dss: Api<DaemonSet> = Api::namespaced(env.client.clone(), NAMESPACE);
+    let rcts: Api<ResourceClaimTemplate> = Api::namespaced(env.client.clone(), NAMESPACE);
+    let user_rcts: Api<ResourceClaimTemplate> = Api::namespaced(env.client.clone(), ns);
+    let cliques: Api<ComputeDomainClique> = Api::namespaced(env.client.clone(), NAMESPACE);
+    let nodes: Api<Node> = Api::all(env.client.clone());
+    let label = nvdra_api::names::labels::compute_domain_node_label(uid);
+    let selector = format!("{}={uid}", nvdra_api::names::labels::COMPUTE_DOMAIN);
+    wait::until(
+        Duration::from_secs(60),
+        "every trace of the domain to go",
+        || async {
+            let ds = dss.get_opt(&daemon).await?.is_some();
+            let rct = rcts.get_opt(&daemon).await?.is_some();
+            let user = user_rcts
+                .get_opt(&format!("{name}-channel"))
+                .await?
+                .is_some();
+            let clique = !cliques
+                .list(&ListParams::default().labels(&selector))
+                .await?
+                .items
+                .is_empty();
+            let labelled = !nodes
+                .list(&ListParams::default().labels(&label))
+                .await?
+                .items
+                .is_empty();
+            Ok(!(ds || rct || user || clique || labelled))
+        },
+    )
+    .await?;
+    for node in FABRIC_NODES {
+        let dir = env
+            .cluster
+            .node_dirs(node)
+            .plugins()
+            .join("compute-domain.nvidia.com/domains")
+            .join(uid);
+        ensure!(!dir.exists(), "{} left behind", dir.display());
+    }
+    Ok(())
+}
+
+/// CD scenario 1: a 4-node ComputeDomain. The job's pods are prepared, the
+/// daemons run on exactly those nodes and find each other, the domain turns
+/// Ready, the pods see a channel device; deleting job and domain leaves
+/// nothing behind.
+pub async fn four_node_domain(env: Arc<Env>) -> Result<()> {
+    let ns = env.namespace("e2e-cd").await?;
+    let uid = create_domain(&env, &ns, "job", 4).await?;
+    for (i, node) in FABRIC_NODES.iter().enumerate() {
+        env.create_pod(
+            &ns,
+            &format!("worker-{i}"),
+            &[("imex", "template", "job-channel")],
+            Some(node),
+        )
+        .await?;
+    }
+    let mut workers = Vec::new();
+    for i in 0..FABRIC_NODES.len() {
+        workers.push(
+            env.running(&ns, &format!("worker-{i}"), Duration::from_secs(120))
+                .await?,
+        );
+    }
+    let cd = wait_domain_ready(&env, &ns, "job", 4).await?;
+    let status = serde_json::to_value(&cd.status)?;
+    let status_nodes: BTreeSet<String> = status["nodes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|n| n["name"].as_str().map(str::to_owned))
+        .collect();
+    let want: BTreeSet<String> = FABRIC_NODES.iter().map(|n| (*n).to_owned()).collect();
+    ensure!(
+        status_nodes == want,
+        "status.nodes {status_nodes:?}, want {want:?}"
+    );
+
+    // Daemons on exactly the job's nodes, one clique with indices 0..3.
+    let daemon = nvdra_api::names::objects::daemon_name(&uid);
+    let pods: Api<Pod> = Api::namespaced(env.client.clone(), NAMESPACE);
+    let daemon_pods: Vec<Pod> = pods
+        .list(&ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .filter(|p| {
+            p.metadata
+                .owner_references
+                .iter()
+                .flatten()
+                .any(|o| o.kind == "DaemonSet" && o.name == daemon)
+        })
+        .collect();
+    let daemon_nodes: BTreeSet<String> = daemon_pods.iter().map(node_of).collect();
+    ensure!(
+        daemon_nodes == want,
+        "daemons on {daemon_nodes:?}, want {want:?}"
+    );
+    let cliques: Api<ComputeDomainClique> = Api::namespaced(env.client.clone(), NAMESPACE);
+    let selector = format!("{}={uid}", nvdra_api::names::labels::COMPUTE_DOMAIN);
+    let list = cliques
+        .list(&ListParams::default().labels(&selector))
+        .await?;
+    ensure!(
+        list.items.len() == 1,
+        "{} cliques, want 1",
+        list.items.len()
+    );
+    let clique = serde_json::to_value(&list.items[0])?;
+    let indices: BTreeSet<i64> = clique["daemons"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|d| d["index"].as_i64())
+        .collect();
+    ensure!(
+        indices == BTreeSet::from([0, 1, 2, 3]),
+        "clique indices {indices:?}"
+    );
+
+    // The daemons found each other: each nvidia-imex stand-in was told
+    // about all four peers (it logs into its daemon's container log).
+    for pod in &daemon_pods {
+        let log = env
+            .cluster
+            .node_dirs(&node_of(pod))
+            .pod(&pod.metadata.uid.clone().unwrap_or_default())
+            .join(format!(
+                "{}.log",
+                nvdra_api::names::objects::DAEMON_CONTAINER
+            ));
+        let text =
+            std::fs::read_to_string(&log).with_context(|| format!("read {}", log.display()))?;
+        let full = text
+            .lines()
+            .filter(|l| l.contains("peers:"))
+            .any(|l| (0..4).all(|i| l.contains(&format!("compute-domain-daemon-{i:04}="))));
+        ensure!(
+            full,
+            "{}: nvidia-imex never saw all four peers:\n{text}",
+            log.display()
+        );
+    }
+
+    // Every worker sees one channel, the same one for this domain on each node.
+    for worker in &workers {
+        channel_of(&env, worker)?;
+    }
+
+    for i in 0..FABRIC_NODES.len() {
+        env.delete_pod(&ns, &format!("worker-{i}"), Duration::from_secs(60))
+            .await?;
+    }
+    delete_domain_and_check_clean(&env, &ns, "job", &uid).await
+}
+
+/// CD scenario 4: two ComputeDomains on the same nodes get different
+/// channels (beyond upstream, which allows one domain per node).
+pub async fn two_domains_share_nodes(env: Arc<Env>) -> Result<()> {
+    let ns = env.namespace("e2e-cd-two").await?;
+    let nodes = &FABRIC_NODES[..2];
+    let a = create_domain(&env, &ns, "alpha", 2).await?;
+    let b = create_domain(&env, &ns, "beta", 2).await?;
+    for (domain, _) in [("alpha", &a), ("beta", &b)] {
+        for node in nodes {
+            env.create_pod(
+                &ns,
+                &format!("{domain}-{node}"),
+                &[("imex", "template", &format!("{domain}-channel"))],
+                Some(node),
+            )
+            .await?;
+        }
+    }
+    for node in nodes {
+        let pa = env
+            .running(&ns, &format!("alpha-{node}"), Duration::from_secs(120))
+            .await?;
+        let pb = env
+            .running(&ns, &format!("beta-{node}"), Duration::from_secs(120))
+            .await?;
+        let (ca, cb) = (channel_of(&env, &pa)?, channel_of(&env, &pb)?);
+        ensure!(ca != cb, "{node}: both domains got {ca}");
+    }
+    wait_domain_ready(&env, &ns, "alpha", 2).await?;
+    wait_domain_ready(&env, &ns, "beta", 2).await?;
+    for domain in ["alpha", "beta"] {
+        for node in nodes {
+            env.delete_pod(&ns, &format!("{domain}-{node}"), Duration::from_secs(60))
+                .await?;
+        }
+    }
+    delete_domain_and_check_clean(&env, &ns, "alpha", &a).await?;
+    delete_domain_and_check_clean(&env, &ns, "beta", &b).await
+}
+
+/// CD scenario 5: a channel claim from another namespace, or an unknown
+/// field in the channel config, fails with a clear message in the pod's
+/// events.
+pub async fn bad_channel_claims(env: Arc<Env>) -> Result<()> {
+    let ns = env.namespace("e2e-cd-bad").await?;
+    let other = env.namespace("e2e-cd-other").await?;
+    let uid = create_domain(&env, &ns, "home", 1).await?;
+    // A claim in another namespace pointing at the domain by UID.
+    let claim = |name: &str, ns: &str, extra: &str| {
+        format!(
+            "apiVersion: resource.k8s.io/v1
+kind: ResourceClaim
+metadata: {{ namespace: {ns}, name: {name} }}
+spec:
+  devices:
+    requests:
+    - name: channel
+      exactly: {{ deviceClassName: compute-domain-default-channel.nvidia.com }}
+    config:
+    - requests: [channel]
+      opaque:
+        driver: compute-domain.nvidia.com
+        parameters:
+          apiVersion: resource.nvidia.com/v1beta1
+          kind: ComputeDomainChannelConfig
+          domainID: {uid}
+          allocationMode: Single{extra}
+"
+        )
+    };
+    env.apply(&claim("stolen", &other, ""))?;
+    env.create_pod(
+        &other,
+        "intruder",
+        &[("imex", "claim", "stolen")],
+        Some(FABRIC_NODES[0]),
+    )
+    .await?;
+    env.apply(&claim("typo", &ns, "\n          alocationMode: All"))?;
+    env.create_pod(
+        &ns,
+        "typo",
+        &[("imex", "claim", "typo")],
+        Some(FABRIC_NODES[1]),
+    )
+    .await?;
+    for (pod_ns, pod, needle) in [
+        (&other, "intruder", ns.as_str()),
+        (&ns, "typo", "alocationMode"),
+    ] {
+        let event = wait::value(
+            Duration::from_secs(60),
+            &format!("a prepare failure on {pod}"),
+            || {
+                let env = env.clone();
+                let pod_ns = pod_ns.clone();
+                async move {
+                    Ok(env
+                        .pod_events(&pod_ns, pod)
+                        .await?
+                        .into_iter()
+                        .find(|e| e.starts_with("FailedPrepareDynamicResources")))
+                }
+            },
+        )
+        .await?;
+        ensure!(
+            event.contains(needle),
+            "{pod}: the event does not name {needle:?}: {event}"
+        );
+    }
+    for (pod_ns, pod) in [(&other, "intruder"), (&ns, "typo")] {
+        env.delete_pod(pod_ns, pod, Duration::from_secs(60)).await?;
+    }
+    delete_domain_and_check_clean(&env, &ns, "home", &uid).await
+}
