@@ -98,6 +98,11 @@ const SCENARIOS: &[(&str, Scenario, u64)] = &[
         300,
     ),
     (
+        "cd_faults",
+        |e| Box::pin(e2e::computedomain::faults(e)),
+        300,
+    ),
+    (
         "cd_bad_channel_claims",
         |e| Box::pin(e2e::computedomain::bad_channel_claims(e)),
         180,

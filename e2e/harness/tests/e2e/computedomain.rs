@@ -58,10 +58,11 @@ async fn wait_domain_ready(env: &Env, ns: &str, name: &str, nodes: usize) -> Res
         || async {
             let cd = cds.get(name).await?;
             let status = serde_json::to_value(&cd.status)?;
+            // No nodes at all may be written as no list.
+            let rows = status["nodes"].as_array().cloned().unwrap_or_default();
             let ready = status["status"] == "Ready"
-                && status["nodes"]
-                    .as_array()
-                    .is_some_and(|n| n.len() == nodes && n.iter().all(|n| n["status"] == "Ready"));
+                && rows.len() == nodes
+                && rows.iter().all(|n| n["status"] == "Ready");
             Ok(ready.then_some(cd))
         },
     )
@@ -386,4 +387,125 @@ spec:
         env.delete_pod(pod_ns, pod, Duration::from_secs(60)).await?;
     }
     delete_domain_and_check_clean(&env, &ns, "home", &uid).await
+}
+
+/// The holder of the leader-election Lease: `<release>-controller-<i>_<suffix>`
+/// (a restarted replica has a new suffix).
+async fn leader(env: &Env) -> Result<Option<String>> {
+    let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
+        Api::namespaced(env.client.clone(), NAMESPACE);
+    let lease = leases
+        .get_opt(&format!("{}-controller", nvdra_e2e::cluster::RELEASE))
+        .await?;
+    Ok(lease
+        .and_then(|l| l.spec)
+        .and_then(|s| s.holder_identity)
+        .filter(|h| !h.is_empty()))
+}
+
+/// The supervisor's process name of a holder identity: `controller-<i>`.
+fn replica(holder: &str) -> Option<&str> {
+    holder
+        .split('_')
+        .next()?
+        .strip_prefix(nvdra_e2e::cluster::RELEASE)?
+        .strip_prefix('-')
+}
+
+/// CD scenario 3: faults. A daemon pod is deleted, the controller leader is
+/// killed (the standby takes over), an agent is killed while it prepares a
+/// new worker's channel; the domain returns to Ready each time and nothing
+/// leaks once it is deleted.
+pub async fn faults(env: Arc<Env>) -> Result<()> {
+    let ns = env.namespace("e2e-cd-faults").await?;
+    let uid = create_domain(&env, &ns, "sturdy", 4).await?;
+    for (i, node) in FABRIC_NODES.iter().enumerate() {
+        env.create_pod(
+            &ns,
+            &format!("w-{i}"),
+            &[("imex", "template", "sturdy-channel")],
+            Some(node),
+        )
+        .await?;
+    }
+    for i in 0..FABRIC_NODES.len() {
+        env.running(&ns, &format!("w-{i}"), Duration::from_secs(120))
+            .await?;
+    }
+    wait_domain_ready(&env, &ns, "sturdy", 4).await?;
+
+    // A daemon pod goes away: the DaemonSet replaces it and it rejoins.
+    let daemon = nvdra_api::names::objects::daemon_name(&uid);
+    let pods: Api<Pod> = Api::namespaced(env.client.clone(), NAMESPACE);
+    let victim = pods
+        .list(&ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .find(|p| {
+            node_of(p) == FABRIC_NODES[1]
+                && p.metadata
+                    .owner_references
+                    .iter()
+                    .flatten()
+                    .any(|o| o.name == daemon)
+        })
+        .context("no daemon pod on gb200-1")?;
+    let victim_name = victim.metadata.name.clone().unwrap_or_default();
+    pods.delete(&victim_name, &DeleteParams::default()).await?;
+    wait::until(
+        Duration::from_secs(60),
+        "the daemon pod to be replaced",
+        || async { Ok(pods.get_opt(&victim_name).await?.is_none()) },
+    )
+    .await?;
+    wait_domain_ready(&env, &ns, "sturdy", 4).await?;
+
+    // The leader dies; the standby takes over and reconciles a new domain.
+    let old = leader(&env)
+        .await?
+        .context("no controller holds the Lease")?;
+    let supervisor = nvdra_e2e::supervisor::Supervisor::new(&env.cluster.controller_dir());
+    let killed_at = std::time::Instant::now();
+    supervisor.kill(replica(&old).context("unexpected holder identity")?, "KILL")?;
+    let new = wait::value(Duration::from_secs(30), "a new leader", || {
+        let env = env.clone();
+        let old = old.clone();
+        async move { Ok(leader(&env).await?.filter(|l| *l != old)) }
+    })
+    .await;
+    let took = killed_at.elapsed();
+    let new = new?;
+    eprintln!(
+        "e2e: controller leader {old} killed; {new} took over after {:.1}s",
+        took.as_secs_f64()
+    );
+    ensure!(took <= Duration::from_secs(15), "takeover took {took:?}");
+    let after = create_domain(&env, &ns, "after-failover", 0).await?;
+    wait_domain_ready(&env, &ns, "after-failover", 0).await?;
+
+    // An agent dies while it prepares a second worker's channel on its node:
+    // the kubelet retries against the restarted agent, the worker runs with
+    // its domain's channel.
+    env.create_pod(
+        &ns,
+        "late",
+        &[("imex", "template", "sturdy-channel")],
+        Some(FABRIC_NODES[0]),
+    )
+    .await?;
+    nvdra_e2e::node::kill_agent(&env.cluster.node_dirs(FABRIC_NODES[0]), "KILL")?;
+    let late = env.running(&ns, "late", Duration::from_secs(120)).await?;
+    let first = env.pods(&ns).get("w-0").await?;
+    ensure!(
+        channel_of(&env, &late)? == channel_of(&env, &first)?,
+        "two workers of one domain on one node got different channels"
+    );
+    wait_domain_ready(&env, &ns, "sturdy", 4).await?;
+
+    for name in ["late", "w-0", "w-1", "w-2", "w-3"] {
+        env.delete_pod(&ns, name, Duration::from_secs(60)).await?;
+    }
+    delete_domain_and_check_clean(&env, &ns, "after-failover", &after).await?;
+    delete_domain_and_check_clean(&env, &ns, "sturdy", &uid).await
 }
