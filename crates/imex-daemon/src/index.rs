@@ -3,17 +3,21 @@
 //! The rule is conflict-free without any lock or read-modify-write, because every daemon
 //! applies it to the same list and only ever writes its own row:
 //!
-//! 1. Keep your index if no other row has it.
-//! 2. When rows share an index, the one with the smaller node name keeps it; the others
-//!    re-pick the lowest index no row uses.
-//! 3. A new member (no index yet) picks the lowest index no row uses.
+//! 1. An index is *held* by the row claiming it with the smallest node name; a row holding
+//!    its index keeps it.
+//! 2. Every other row (no index yet, or a lost duplicate) is *unplaced*. The unplaced rows,
+//!    sorted by node name, take the free indices (not held by anyone) in ascending order:
+//!    the k-th unplaced name gets the k-th free index.
 //!
 //! Existing members therefore keep their names (so `nvidia-imex` peers need not reconnect),
-//! gaps left by departed members are filled first, and two members racing for one free index
-//! settle after one more round: the larger name moves on. The result is `None` when all
-//! `max_nodes` indices are taken by other rows.
+//! gaps left by departed members are filled first, and because every daemon computes the
+//! same assignment from the same list, a burst of joiners settles in one round instead of
+//! moving up one index per round (the first rule we tried, "losers take the lowest free
+//! index", sent every loser to the same index again and took O(n) rounds under load). Rows
+//! a daemon has not seen yet can still collide with it; rule 1 settles that on the next
+//! round. The result is `None` when no free index is left for this node.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use nvdra_api::ComputeDomainDaemonInfo;
 
@@ -25,23 +29,46 @@ pub fn choose(
     current: Option<u32>,
     max_nodes: u32,
 ) -> Option<u32> {
-    let valid = |i: i64| u32::try_from(i).ok().filter(|i| *i < max_nodes);
-    let others: Vec<(u32, &str)> = daemons
+    let valid = |i: u32| (i < max_nodes).then_some(i);
+    let mut rows: Vec<(&str, Option<u32>)> = daemons
         .iter()
         .filter(|d| d.node_name != node)
-        .filter_map(|d| valid(d.index).map(|i| (i, d.node_name.as_str())))
+        .map(|d| {
+            let index = u32::try_from(d.index).ok().and_then(valid);
+            (d.node_name.as_str(), index)
+        })
         .collect();
-    if let Some(mine) = current.filter(|i| *i < max_nodes) {
-        let keeps = others
-            .iter()
-            .filter(|(i, _)| *i == mine)
-            .all(|(_, other)| node < *other);
-        if keeps {
-            return Some(mine);
+    rows.push((node, current.and_then(valid)));
+
+    // Rule 1: each index belongs to the smallest name claiming it.
+    let mut holder: BTreeMap<u32, &str> = BTreeMap::new();
+    for (name, index) in &rows {
+        if let Some(i) = index {
+            holder
+                .entry(*i)
+                .and_modify(|h| {
+                    if *name < *h {
+                        *h = name;
+                    }
+                })
+                .or_insert(name);
         }
     }
-    let used: BTreeSet<u32> = others.iter().map(|(i, _)| *i).collect();
-    (0..max_nodes).find(|i| !used.contains(i))
+    if let Some(mine) = current.and_then(valid)
+        && holder.get(&mine) == Some(&node)
+    {
+        return Some(mine);
+    }
+    // Rule 2: unplaced names, in order, take the free indices, in order.
+    let unplaced: BTreeSet<&str> = rows
+        .iter()
+        .filter(|(name, index)| index.is_none_or(|i| holder.get(&i) != Some(name)))
+        .map(|(name, _)| *name)
+        .collect();
+    let position = unplaced.iter().position(|n| *n == node)?;
+    (0..max_nodes)
+        .filter(|i| !holder.contains_key(i))
+        .nth(position)
 }
 
 /// The index `node`'s own row carries among `daemons`, if it has a row with a usable one.
@@ -164,12 +191,28 @@ mod tests {
                 Some(1),
             ),
             (
-                "others out of range are ignored",
+                "others without a usable index are unplaced too: names share out the free ones",
                 &[("n1", 9), ("n3", -1)],
                 "n2",
                 None,
                 4,
+                Some(1),
+            ),
+            (
+                "a burst of joiners gets distinct indices in one round",
+                &[("a", 0), ("d", -1), ("b", -1), ("e", -1)],
+                "d",
+                None,
+                8,
+                Some(2),
+            ),
+            (
+                "losers of several duplicates spread over the free indices",
+                &[("a", 0), ("b", 0), ("c", 1), ("d", 1), ("e", 0)],
+                "e",
                 Some(0),
+                8,
+                Some(4),
             ),
             ("full", &[("a", 0), ("b", 1)], "c", None, 2, None),
             (
