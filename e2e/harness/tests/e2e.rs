@@ -179,6 +179,28 @@ fn main() -> ExitCode {
         tally(outcome, &mut passed, &mut failed);
     }
 
+    if wanted("cd_scale") {
+        let outcome = match scale_spec(&base) {
+            Ok(spec) => runtime.block_on(with_cluster(
+                &tools,
+                &base.join("scale"),
+                spec,
+                |env| async move {
+                    let result = run_one(
+                        "cd_scale",
+                        |e| Box::pin(e2e::perf::compute_domain_scale(e)),
+                        env,
+                        600,
+                    )
+                    .await;
+                    Ok(vec![("cd_scale", result)])
+                },
+            )),
+            Err(err) => Err(err),
+        };
+        tally(outcome, &mut passed, &mut failed);
+    }
+
     eprintln!("\ne2e: {passed} passed, {} failed", failed.len());
     for (name, err) in &failed {
         eprintln!("  FAILED {name}: {err}");
@@ -253,6 +275,39 @@ fn latency_spec() -> ClusterSpec {
         agent_extra: Vec::new(),
         controllers: 0,
     }
+}
+
+/// 64 GB200 trays in four racks of 16, each rack its own NVLink clique (an
+/// IMEX domain spans at most 18 nodes), one controller: the ComputeDomain
+/// scale run. The rack profiles are the built-in `gb200-x4` with the
+/// clique ID changed, written next to the run directory.
+fn scale_spec(base: &std::path::Path) -> anyhow::Result<ClusterSpec> {
+    let tray = std::fs::read_to_string(repo_root().join("crates/gpu/profiles/gb200-x4.yaml"))?;
+    anyhow::ensure!(
+        tray.contains("clique_id: 1\n"),
+        "gb200-x4.yaml no longer has clique_id: 1"
+    );
+    std::fs::create_dir_all(base)?;
+    let mut racks = Vec::new();
+    for rack in 0..4 {
+        let path = base.join(format!("gb200-rack{rack}.yaml"));
+        std::fs::write(
+            &path,
+            tray.replace("clique_id: 1\n", &format!("clique_id: {}\n", rack + 1)),
+        )?;
+        racks.push(path.display().to_string());
+    }
+    Ok(ClusterSpec {
+        nodes: (0..64)
+            .map(|i| NodeSpec {
+                name: format!("tray-{i:02}"),
+                profile: racks[i / 16].clone(),
+            })
+            .collect(),
+        chart_sets: Vec::new(),
+        agent_extra: Vec::new(),
+        controllers: 1,
+    })
 }
 
 /// Starts a cluster in `dir`, runs `body`, always stops the cluster.

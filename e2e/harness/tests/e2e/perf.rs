@@ -186,3 +186,117 @@ spec:
     }
     Ok(())
 }
+
+/// Sum of the API server's `apiserver_request_total` for
+/// `computedomaincliques` answered 409 (Conflict).
+fn clique_conflicts(env: &Env) -> Result<u64> {
+    let metrics = env
+        .cluster
+        .cp
+        .kubectl(&["get", "--raw", "/metrics"], None)?;
+    Ok(metrics
+        .lines()
+        .filter(|l| {
+            l.starts_with("apiserver_request_total{")
+                && l.contains("resource=\"computedomaincliques\"")
+                && l.contains("code=\"409\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64)
+}
+
+/// CD scenario 2: one ComputeDomain over every node of the scale cluster
+/// with four pods per node; time from the domain's creation to Ready and
+/// the 409 conflicts the API server answered on cliques meanwhile.
+pub async fn compute_domain_scale(env: Arc<Env>) -> Result<()> {
+    use nvdra_api::ComputeDomain;
+    let nodes: Vec<String> = env
+        .cluster
+        .spec
+        .nodes
+        .iter()
+        .map(|n| n.name.clone())
+        .collect();
+    let ns = env.namespace("e2e-scale").await?;
+    let conflicts_before = clique_conflicts(&env)?;
+    let started = Instant::now();
+    env.apply(&format!(
+        "apiVersion: resource.nvidia.com/v1beta1
+kind: ComputeDomain
+metadata: {{ namespace: {ns}, name: big }}
+spec:
+  numNodes: {}
+  channel:
+    resourceClaimTemplate: {{ name: big-channel }}
+",
+        nodes.len()
+    ))?;
+    let pods: Vec<(String, String)> = nodes
+        .iter()
+        .flat_map(|n| (0..4).map(move |i| (format!("{n}-{i}"), n.clone())))
+        .collect();
+    futures::stream::iter(pods.iter().cloned())
+        .map(|(name, node)| {
+            let env = env.clone();
+            let ns = ns.clone();
+            async move {
+                env.create_pod(
+                    &ns,
+                    &name,
+                    &[("imex", "template", "big-channel")],
+                    Some(&node),
+                )
+                .await
+            }
+        })
+        .buffer_unordered(16)
+        .try_collect::<Vec<_>>()
+        .await?;
+    let created = started.elapsed();
+    let cds: kube::Api<ComputeDomain> = kube::Api::namespaced(env.client.clone(), &ns);
+    let want = nodes.len();
+    nvdra_e2e::wait::until(Duration::from_secs(300), "the big domain Ready", || async {
+        let status = serde_json::to_value(&cds.get("big").await?.status)?;
+        let rows = status["nodes"].as_array().cloned().unwrap_or_default();
+        Ok(status["status"] == "Ready"
+            && rows.len() == want
+            && rows.iter().all(|n| n["status"] == "Ready"))
+    })
+    .await?;
+    let ready = started.elapsed();
+    let api = env.pods(&ns);
+    nvdra_e2e::wait::until(Duration::from_secs(300), "every worker Running", || async {
+        let list = api.list(&Default::default()).await?;
+        Ok(list.items.len() == pods.len() && list.items.iter().all(|p| phase(p) == "Running"))
+    })
+    .await?;
+    let running = started.elapsed();
+    let conflicts = clique_conflicts(&env)? - conflicts_before;
+    let report = serde_json::json!({
+        "nodes": want,
+        "pods": pods.len(),
+        "pods_created_after_ms": created.as_secs_f64() * 1000.0,
+        "domain_ready_after_ms": ready.as_secs_f64() * 1000.0,
+        "all_pods_running_after_ms": running.as_secs_f64() * 1000.0,
+        "clique_conflicts_409": conflicts,
+    });
+    std::fs::write(
+        env.cluster.dir.join("scale.json"),
+        serde_json::to_vec_pretty(&report)?,
+    )?;
+    eprintln!("e2e: ComputeDomain over {want} nodes x 4 pods: {report}");
+    ensure!(
+        conflicts == 0,
+        "{conflicts} clique writes were answered 409"
+    );
+
+    env.cluster.cp.kubectl(
+        &["delete", "pods", "--all", "-n", &ns, "--wait=false"],
+        None,
+    )?;
+    cds.delete("big", &Default::default()).await?;
+    nvdra_e2e::wait::until(Duration::from_secs(300), "the big domain gone", || async {
+        Ok(cds.get_opt("big").await?.is_none())
+    })
+    .await
+}
