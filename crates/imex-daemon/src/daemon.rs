@@ -102,6 +102,7 @@ pub async fn run(args: DaemonArgs) -> Result<(), Error> {
         hosts_path: rootfs::resolve(&args.container_root, Path::new("/etc/hosts")),
         daemons: Vec::new(),
         index: None,
+        last_applied: None,
         ready: Readiness::NotReady,
         conflicts: 0,
         retry_at: None,
@@ -326,7 +327,12 @@ pub fn desired_row(
     ready: Readiness,
     max_nodes: u32,
 ) -> Option<ComputeDomainDaemonInfo> {
-    let current = index::own(daemons, &member.node_name).or(remembered);
+    // What we applied last wins over our row in `daemons`: watch events can
+    // arrive after our own apply's response and show an older row, and
+    // deciding from that would flip the index back and forth. The server's
+    // row counts only before our first apply (a restarted daemon keeps its
+    // index).
+    let current = remembered.or_else(|| index::own(daemons, &member.node_name));
     let index = index::choose(daemons, &member.node_name, current, max_nodes)?;
     Some(ComputeDomainDaemonInfo {
         node_name: member.node_name.clone(),
@@ -347,6 +353,8 @@ struct State {
     daemons: Vec<ComputeDomainDaemonInfo>,
     /// The index last applied, kept for when the row is missing from a stale view.
     index: Option<u32>,
+    /// The row last applied successfully.
+    last_applied: Option<ComputeDomainDaemonInfo>,
     ready: Readiness,
     conflicts: u64,
     retry_at: Option<Instant>,
@@ -380,7 +388,10 @@ impl State {
             return;
         };
         let have = self.daemons.iter().find(|d| d.node_name == row.node_name);
-        if have == Some(&row) {
+        // Up to date, or a stale view of a row we already applied as
+        // desired (a later event will show it): nothing to write. A view
+        // without our row at all is applied again.
+        if have == Some(&row) || (have.is_some() && self.last_applied.as_ref() == Some(&row)) {
             return;
         }
         match self.member.apply(&self.api, Some(&row)).await {
@@ -391,6 +402,7 @@ impl State {
                     "applied own clique row"
                 );
                 self.index = u32::try_from(row.index).ok();
+                self.last_applied = Some(row);
                 self.daemons = clique.spec.daemons;
                 self.backoff = APPLY_BACKOFF.0;
             }
@@ -534,6 +546,21 @@ mod tests {
             18,
         );
         assert_eq!(got, Some(row("n2", 2, Readiness::NotReady)));
+        // A stale view still shows an older index of ours: what we applied last wins,
+        // so the index does not flip back.
+        let stale = vec![
+            row("n1", 0, Readiness::Ready),
+            row("n2", 5, Readiness::Ready),
+        ];
+        let got = desired_row(
+            &stale,
+            &member("n2"),
+            "10.0.0.3",
+            Some(2),
+            Readiness::Ready,
+            18,
+        );
+        assert_eq!(got, Some(row("n2", 2, Readiness::Ready)));
         // A newcomer fills the gap.
         let got = desired_row(
             &seen,
