@@ -158,14 +158,35 @@ fn parse_duration(raw: &str) -> Result<Duration, String> {
     let n: u64 = number
         .parse()
         .map_err(|_| format!("{raw:?} is not a duration like '15s', '10m' or '500ms'"))?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "s" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n * 60)),
-        "h" => Ok(Duration::from_secs(n * 3600)),
-        _ => Err(format!(
-            "{raw:?} has no unit; use ms, s, m or h (e.g. '15s')"
-        )),
+    let duration = match unit {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n * 60),
+        "h" => Duration::from_secs(n * 3600),
+        _ => {
+            return Err(format!(
+                "{raw:?} has no unit; use ms, s, m or h (e.g. '15s')"
+            ));
+        }
+    };
+    // Every duration here is a period or a deadline; zero would spin or panic.
+    if duration.is_zero() {
+        return Err(format!("{raw:?} must be longer than zero"));
+    }
+    Ok(duration)
+}
+
+impl Args {
+    /// Checks what single flags cannot: the renew deadline must end before the lease does,
+    /// or a standby could take over while the old leader still thinks it leads.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.leader_election_enabled && self.renew_deadline >= self.lease_duration {
+            return Err(format!(
+                "--renew-deadline ({:?}) must be shorter than --lease-duration ({:?})",
+                self.renew_deadline, self.lease_duration
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -189,6 +210,26 @@ mod tests {
         let mut argv = vec!["nvdra-controller", "--pod-name", "p", "--image-name", "img"];
         argv.extend_from_slice(extra);
         Args::try_parse_from(argv)
+    }
+
+    #[test]
+    fn zero_durations_and_late_deadlines_are_refused() {
+        let err = parse(&["--retry-period", "0s"]).unwrap_err().to_string();
+        assert!(err.contains("\"0s\" must be longer than zero"), "{err}");
+        let args = parse(&[
+            "--leader-election-enabled",
+            "true",
+            "--lease-duration",
+            "10s",
+            "--renew-deadline",
+            "10s",
+        ])
+        .unwrap();
+        assert_eq!(
+            args.validate().unwrap_err(),
+            "--renew-deadline (10s) must be shorter than --lease-duration (10s)"
+        );
+        assert_eq!(parse(&[]).unwrap().validate(), Ok(()));
     }
 
     #[test]

@@ -189,7 +189,7 @@ pub async fn sweep(ctx: &Context) -> Result<SweepReport, Error> {
         report.templates += 1;
     }
 
-    report.nodes = node::sweep_labels(&ctx.client, || ctx.stores.domain_uids()).await?;
+    report.nodes = node::sweep_labels(&ctx.client).await?;
     Ok(report)
 }
 

@@ -52,6 +52,9 @@ pub fn desired(domain_uid: &str, settings: &DaemonSettings) -> apps::DaemonSet {
         }),
         period_seconds: Some(period),
         failure_threshold: Some(failures),
+        // `check` waits up to 10 s for nvidia-imex-ctl; the kubelet's default 1 s
+        // would fail it on a loaded node and flap the daemon's readiness.
+        timeout_seconds: Some(10),
         ..Default::default()
     };
     let tolerations = ["NoSchedule", "NoExecute", "PreferNoSchedule"]
@@ -174,6 +177,7 @@ mod tests {
             "exec": {"command": ["nvdra-imex-daemon", "check"]},
             "periodSeconds": period,
             "failureThreshold": failures,
+            "timeoutSeconds": 10,
         })
     }
 

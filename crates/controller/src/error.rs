@@ -62,6 +62,18 @@ pub enum Error {
     /// Creating or updating the leader-election Lease failed.
     #[error("write the leader-election Lease")]
     WriteLease(#[source] kube::Error),
+    /// Flags that contradict each other.
+    #[error("invalid flags: {0}")]
+    InvalidFlags(String),
+    /// Listing ComputeDomains from the API server failed.
+    #[error("list ComputeDomains")]
+    ListDomains(#[source] kube::Error),
+    /// One leader-election round did not finish within the renew deadline.
+    #[error("leader-election round took longer than {after:?}")]
+    LeaseTimeout {
+        /// The renew deadline.
+        after: std::time::Duration,
+    },
     /// Leadership was lost (renewal failed past the renew deadline or another holder took it).
     #[error("lost the leader-election Lease {lease}")]
     LeaseLost {
@@ -108,6 +120,7 @@ impl Error {
         "DeleteDaemonClaimTemplate",
         "DeleteWorkloadClaimTemplate",
         "ListNodes",
+        "ListDomains",
         "UnlabelNode",
     ];
 
@@ -125,9 +138,12 @@ impl Error {
             Self::DeleteDaemonClaimTemplate(_) => "DeleteDaemonClaimTemplate",
             Self::DeleteWorkloadClaimTemplate(_) => "DeleteWorkloadClaimTemplate",
             Self::ListNodes(_) => "ListNodes",
+            Self::ListDomains(_) => "ListDomains",
             Self::UnlabelNode { .. } => "UnlabelNode",
             Self::ReadLease(_) => "ReadLease",
             Self::WriteLease(_) => "WriteLease",
+            Self::LeaseTimeout { .. } => "LeaseTimeout",
+            Self::InvalidFlags(_) => "InvalidFlags",
             Self::LeaseLost { .. } => "LeaseLost",
             Self::ControllerStopped => "ControllerStopped",
             Self::KubeConfig(_) => "KubeConfig",

@@ -168,7 +168,16 @@ impl Elector {
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             ticker.tick().await;
-            match self.attempt().await {
+            // One round may not outlast the renew deadline (client-go bounds it the
+            // same way): a hung request must not keep a lost leader reconciling.
+            let attempt =
+                match tokio::time::timeout(self.timing.renew_deadline, self.attempt()).await {
+                    Ok(result) => result,
+                    Err(_) => Err(Error::LeaseTimeout {
+                        after: self.timing.renew_deadline,
+                    }),
+                };
+            match attempt {
                 Ok(true) => {
                     let _ = healthy.send(true);
                     if last_renewal.is_none() {

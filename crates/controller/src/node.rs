@@ -20,6 +20,7 @@ use std::collections::{BTreeMap, HashSet};
 use k8s_openapi::api::core::v1::Node;
 use kube::Api;
 use kube::api::{ListParams, Patch, PatchParams};
+use nvdra_api::ComputeDomain;
 use nvdra_api::names::{field_managers, labels};
 use serde_json::{Map, Value, json};
 
@@ -77,13 +78,12 @@ pub async fn remove_domain_labels(client: &kube::Client, uid: &str) -> Result<us
     Ok(patched)
 }
 
-/// Removes the labels of every domain not in `live()` from every Node; returns how many
-/// Nodes were patched. `live` is called after the Nodes are listed, so a domain created
-/// meanwhile is in it before any of its labels can be.
-pub async fn sweep_labels(
-    client: &kube::Client,
-    live: impl Fn() -> HashSet<String>,
-) -> Result<usize, Error> {
+/// Removes the labels of every domain that does not exist from every Node; returns how
+/// many Nodes were patched. Which domains exist is listed from the API server after the
+/// Nodes, not taken from the controller's cache: agents label Nodes for domains they
+/// looked up themselves, possibly before this controller's watch has delivered them, and
+/// a domain listed afterwards is known before any of its labels could have been read.
+pub async fn sweep_labels(client: &kube::Client) -> Result<usize, Error> {
     let api: Api<Node> = Api::all(client.clone());
     let mut nodes = Vec::new();
     let mut params = ListParams::default().limit(500);
@@ -95,7 +95,7 @@ pub async fn sweep_labels(
             _ => break,
         }
     }
-    let live = live();
+    let live = existing_domains(client).await?;
     let mut patched = 0;
     for node in nodes {
         let keys = stale_domain_labels(
@@ -105,6 +105,25 @@ pub async fn sweep_labels(
         patched += usize::from(unlabel(&api, node.metadata.name.as_deref(), &keys).await?);
     }
     Ok(patched)
+}
+
+/// UIDs of every ComputeDomain in the cluster, read from the API server.
+async fn existing_domains(client: &kube::Client) -> Result<HashSet<String>, Error> {
+    let api: Api<ComputeDomain> = Api::all(client.clone());
+    let mut uids = HashSet::new();
+    let mut params = ListParams::default().limit(500);
+    loop {
+        let page = api
+            .list_metadata(&params)
+            .await
+            .map_err(Error::ListDomains)?;
+        uids.extend(page.items.into_iter().filter_map(|d| d.metadata.uid));
+        match page.metadata.continue_ {
+            Some(token) if !token.is_empty() => params = params.continue_token(&token),
+            _ => break,
+        }
+    }
+    Ok(uids)
 }
 
 async fn unlabel(api: &Api<Node>, node: Option<&str>, keys: &[String]) -> Result<bool, Error> {

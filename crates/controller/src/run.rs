@@ -56,6 +56,7 @@ type Queue = BoxStream<'static, Result<ObjectRef<Domain>, watcher::Error>>;
 
 /// Runs the controller until a signal (`Ok`) or a failure.
 pub async fn run(args: Args) -> Result<(), Error> {
+    args.validate().map_err(Error::InvalidFlags)?;
     init_logging(&args)?;
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
@@ -63,7 +64,7 @@ pub async fn run(args: Args) -> Result<(), Error> {
         args = ?args,
         "starting nvdra-controller"
     );
-    let client = kube_client(&args).await?;
+    let (client, lease_client) = kube_client(&args).await?;
     let registry = Registry::new();
     registry
         .register(Box::new(
@@ -127,7 +128,7 @@ pub async fn run(args: Args) -> Result<(), Error> {
         };
     }
     let mut elector = Elector::new(
-        client,
+        lease_client,
         &args.lease_lock_namespace,
         &args.lease_lock_name,
         identity,
@@ -435,7 +436,7 @@ fn init_logging(args: &Args) -> Result<(), Error> {
 
 /// A client limited to `qps` on average with bursts of `burst` (a fixed window of `burst`
 /// requests per `burst / qps` seconds: client-go's average rate and burst size).
-async fn kube_client(args: &Args) -> Result<kube::Client, Error> {
+async fn kube_client(args: &Args) -> Result<(kube::Client, kube::Client), Error> {
     let config = match &args.kubeconfig {
         Some(path) => {
             let kubeconfig = kube::config::Kubeconfig::read_from(path)
@@ -448,18 +449,24 @@ async fn kube_client(args: &Args) -> Result<kube::Client, Error> {
             .await
             .map_err(|err| Error::KubeConfig(err.into()))?,
     };
-    let burst = u64::from(args.kube_api_burst.max(1));
-    let qps = if args.kube_api_qps > 0.0 {
-        args.kube_api_qps
-    } else {
-        f64::MAX
-    };
-    let window = Duration::from_secs_f64(burst as f64 / qps);
+    // The Lease gets its own, unlimited client: a renewal must never queue
+    // behind reconciles for the rate limit past the renew deadline.
+    let lease =
+        kube::Client::try_from(config.clone()).map_err(|err| Error::KubeConfig(err.into()))?;
     let builder = kube::client::ClientBuilder::try_from(config)
         .map_err(|err| Error::KubeConfig(err.into()))?;
-    Ok(builder
-        .with_layer(&tower::limit::RateLimitLayer::new(burst, window))
-        .build())
+    // QPS 0 (or less) turns the limit off; a zero-length window would panic.
+    if args.kube_api_qps <= 0.0 {
+        return Ok((builder.build(), lease));
+    }
+    let burst = u64::from(args.kube_api_burst.max(1));
+    let window = Duration::from_secs_f64(burst as f64 / args.kube_api_qps);
+    Ok((
+        builder
+            .with_layer(&tower::limit::RateLimitLayer::new(burst, window))
+            .build(),
+        lease,
+    ))
 }
 
 /// Resolves on the first SIGTERM or SIGINT; installed before anything else can block.
