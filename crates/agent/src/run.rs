@@ -560,15 +560,14 @@ async fn kube_client(args: &Args) -> Result<kube::Client, Error> {
             .await
             .map_err(|err| Error::KubeConfig(err.into()))?,
     };
-    let burst = u64::from(args.kube_api_burst.max(1));
-    let qps = if args.kube_api_qps > 0.0 {
-        args.kube_api_qps
-    } else {
-        f64::MAX
-    };
-    let window = Duration::from_secs_f64(burst as f64 / qps);
     let builder = kube::client::ClientBuilder::try_from(config)
         .map_err(|err| Error::KubeConfig(err.into()))?;
+    // QPS 0 (or less) turns the limit off; a zero-length window would panic.
+    if args.kube_api_qps <= 0.0 {
+        return Ok(builder.build());
+    }
+    let burst = u64::from(args.kube_api_burst.max(1));
+    let window = Duration::from_secs_f64(burst as f64 / args.kube_api_qps);
     Ok(builder
         .with_layer(&tower::limit::RateLimitLayer::new(burst, window))
         .build())

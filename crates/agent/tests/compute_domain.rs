@@ -62,10 +62,21 @@ mod compute_domain_driver {
                 .to_bytes();
             let mut state = state.lock().unwrap();
             let response = match (method, path.as_str()) {
-                (Method::GET, "/apis/resource.nvidia.com/v1beta1/computedomains") => {
+                // All domains, or (confirming a cached one) those of one namespace with
+                // one name.
+                (Method::GET, p) if p.ends_with("/computedomains") => {
+                    let scope = p
+                        .strip_prefix("/apis/resource.nvidia.com/v1beta1/namespaces/")
+                        .and_then(|rest| rest.strip_suffix("/computedomains"));
+                    let name = query
+                        .split('&')
+                        .find_map(|kv| kv.strip_prefix("fieldSelector=metadata.name%3D"));
                     let items: Vec<Value> = state
                         .domains
                         .iter()
+                        .filter(|(_, ns, n)| {
+                            scope.is_none_or(|s| s == ns) && name.is_none_or(|want| want == n)
+                        })
                         .map(|(uid, ns, name)| {
                             json!({"apiVersion": "resource.nvidia.com/v1beta1", "kind": "ComputeDomain",
                                    "metadata": {"uid": uid, "namespace": ns, "name": name}})

@@ -133,9 +133,30 @@ impl Cluster {
     }
 
     /// The ComputeDomain with `uid`.
+    ///
+    /// A cached domain is confirmed with a one-object list (by name, in its namespace)
+    /// before it is used: a domain deleted since must not get its node label back from a
+    /// late channel claim after the controller removed it.
     pub async fn domain(&self, uid: &str) -> Result<DomainRef, ClusterError> {
         if let Some(found) = self.cached(uid) {
-            return Ok(found);
+            let api: Api<ComputeDomain> = Api::namespaced(self.client.clone(), &found.namespace);
+            let same = api
+                .list_metadata(
+                    &ListParams::default().fields(&format!("metadata.name={}", found.name)),
+                )
+                .await
+                .map_err(|err| ClusterError::ListDomains(err.to_string()))?
+                .items
+                .iter()
+                .any(|d| d.metadata.uid.as_deref() == Some(uid));
+            if same {
+                return Ok(found);
+            }
+            self.domains
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .remove(uid);
+            return Err(ClusterError::DomainNotFound(uid.to_owned()));
         }
         let api: Api<ComputeDomain> = Api::all(self.client.clone());
         let list = api
