@@ -206,7 +206,7 @@ expect_contains "controller Deployment runs nvdra-controller as it" \
 expect_same "controller ClusterRole rules (least privilege)" \
 '  - apiGroups: ["resource.nvidia.com"]
     resources: ["computedomains"]
-    verbs: ["get", "list", "watch", "patch"]
+    verbs: ["list", "watch", "patch"]
   - apiGroups: ["resource.nvidia.com"]
     resources: ["computedomains/status"]
     verbs: ["patch"]

@@ -453,10 +453,28 @@ pub async fn faults(env: Arc<Env>) -> Result<()> {
         .context("no daemon pod on gb200-1")?;
     let victim_name = victim.metadata.name.clone().unwrap_or_default();
     pods.delete(&victim_name, &DeleteParams::default()).await?;
+    // A new daemon pod on that node, Ready: the old status must not count.
     wait::until(
         Duration::from_secs(60),
-        "the daemon pod to be replaced",
-        || async { Ok(pods.get_opt(&victim_name).await?.is_none()) },
+        "a new Ready daemon pod on gb200-1",
+        || async {
+            let list = pods.list(&ListParams::default()).await?;
+            Ok(list.items.iter().any(|p| {
+                node_of(p) == FABRIC_NODES[1]
+                    && p.metadata.name.as_deref() != Some(victim_name.as_str())
+                    && p.metadata
+                        .owner_references
+                        .iter()
+                        .flatten()
+                        .any(|o| o.name == daemon)
+                    && p.status
+                        .as_ref()
+                        .and_then(|s| s.conditions.as_ref())
+                        .is_some_and(|cs| {
+                            cs.iter().any(|c| c.type_ == "Ready" && c.status == "True")
+                        })
+            }))
+        },
     )
     .await?;
     wait_domain_ready(&env, &ns, "sturdy", 4).await?;
@@ -466,19 +484,30 @@ pub async fn faults(env: Arc<Env>) -> Result<()> {
         .await?
         .context("no controller holds the Lease")?;
     let supervisor = nvdra_e2e::supervisor::Supervisor::new(&env.cluster.controller_dir());
-    let killed_at = std::time::Instant::now();
-    supervisor.kill(replica(&old).context("unexpected holder identity")?, "KILL")?;
+    // Frozen, not killed: the supervisor would restart a killed leader, and the
+    // restarted replica could win the Lease; a frozen one leaves it to the standby.
+    let old_replica = replica(&old)
+        .context("unexpected holder identity")?
+        .to_owned();
+    let frozen_at = std::time::Instant::now();
+    let frozen = supervisor.kill(&old_replica, "STOP")?;
     let new = wait::value(Duration::from_secs(30), "a new leader", || {
         let env = env.clone();
         let old = old.clone();
         async move { Ok(leader(&env).await?.filter(|l| *l != old)) }
     })
     .await;
-    let took = killed_at.elapsed();
+    let took = frozen_at.elapsed();
+    // Thawed, the old leader finds its Lease gone and exits; the supervisor restarts it.
+    nvdra_e2e::supervisor::signal(frozen, "CONT")?;
     let new = new?;
     eprintln!(
-        "e2e: controller leader {old} killed; {new} took over after {:.1}s",
+        "e2e: controller leader {old} frozen; {new} took over after {:.1}s",
         took.as_secs_f64()
+    );
+    ensure!(
+        replica(&new) != Some(old_replica.as_str()),
+        "{new} took over, not the standby"
     );
     ensure!(took <= Duration::from_secs(15), "takeover took {took:?}");
     let after = create_domain(&env, &ns, "after-failover", 0).await?;
@@ -493,6 +522,17 @@ pub async fn faults(env: Arc<Env>) -> Result<()> {
         &[("imex", "template", "sturdy-channel")],
         Some(FABRIC_NODES[0]),
     )
+    .await?;
+    // Killed once the pod is bound: the kubelet is about to call (or calling) prepare.
+    let late_pods = env.pods(&ns);
+    wait::until(Duration::from_secs(30), "pod late bound", || async {
+        Ok(late_pods
+            .get("late")
+            .await?
+            .spec
+            .and_then(|s| s.node_name)
+            .is_some())
+    })
     .await?;
     nvdra_e2e::node::kill_agent(&env.cluster.node_dirs(FABRIC_NODES[0]), "KILL")?;
     let late = env.running(&ns, "late", Duration::from_secs(120)).await?;

@@ -271,7 +271,8 @@ spec:
     })
     .await?;
     let running = started.elapsed();
-    let conflicts = clique_conflicts(&env)? - conflicts_before;
+    // Saturating: counters restart at 0 if the API server restarted meanwhile.
+    let conflicts = clique_conflicts(&env)?.saturating_sub(conflicts_before);
     let report = serde_json::json!({
         "nodes": want,
         "pods": pods.len(),
