@@ -792,15 +792,27 @@ mod tests {
         let long = LocalContainer {
             args: vec![
                 "-c".into(),
-                "trap 'exit 0' TERM; while :; do sleep 0.05; done".into(),
+                "trap 'exit 0' TERM; echo trapped; while :; do sleep 0.05; done".into(),
             ],
             restart: Restart::Always,
             ..c
         };
+        let log = dir.path().join("c.log");
         let (tx, mut rx) = mpsc::unbounded_channel();
         let (stop_tx, stop) = watch::channel(None);
         let task = tokio::spawn(supervise(long, tx, stop));
         assert!(matches!(rx.recv().await, Some(Update::Started { .. })));
+        // A SIGTERM before the shell has installed its trap would kill it (143):
+        // stop only once the script says the trap is set.
+        for _ in 0..500 {
+            if std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains("trapped")
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         stop_tx.send(Some(Duration::from_secs(5))).unwrap();
         tokio::time::timeout(Duration::from_secs(5), task)
             .await
