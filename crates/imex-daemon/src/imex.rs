@@ -122,11 +122,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let script = dir.path().join("imex");
         let marker = dir.path().join("usr1");
+        let trapped = dir.path().join("trapped");
         std::fs::write(
             &script,
             format!(
-                "#!/bin/sh\ntrap 'echo usr1 >> {}' USR1\ntrap 'exit 0' TERM\nwhile :; do sleep 0.05; done\n",
-                marker.display()
+                "#!/bin/sh\ntrap 'echo usr1 >> {}' USR1\ntrap 'exit 0' TERM\ntouch {}\nwhile :; do sleep 0.05; done\n",
+                marker.display(),
+                trapped.display()
             ),
         )
         .unwrap();
@@ -136,10 +138,20 @@ mod tests {
         assert!(!imex.running());
         imex.start().unwrap();
         assert!(imex.running());
-        // Give the shell time to install its traps.
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        // Signal only once the shell has installed its traps (it says so), and
+        // wait for the trap to run: fixed sleeps raced on a loaded machine.
+        let appears = |path: std::path::PathBuf| async move {
+            for _ in 0..500 {
+                if path.exists() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        };
+        appears(trapped).await;
         imex.signal("USR1").await;
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        appears(marker.clone()).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
         assert_eq!(std::fs::read_to_string(&marker).unwrap(), "usr1\n");
         imex.stop(Duration::from_secs(5)).await;
         assert!(!imex.running());
