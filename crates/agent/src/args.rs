@@ -7,12 +7,13 @@
 //! same DaemonSet environment configures either driver. Flags of our own use
 //! `NVDRA_*` variables.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
 use nvdra_api::FeatureGates;
+pub use nvdra_api::flags::Endpoint;
+use nvdra_api::flags::{parse_duration, parse_endpoint};
 
 /// The node agent for the `gpu.nvidia.com` and `compute-domain.nvidia.com` DRA drivers.
 #[derive(Debug, Clone, Parser)]
@@ -163,44 +164,6 @@ pub enum LogFormat {
     Json,
 }
 
-/// An optional listen address.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Endpoint(pub Option<SocketAddr>);
-
-/// Accepts Go-style `:8080` (all interfaces), `host:port`, or empty (off).
-fn parse_endpoint(raw: &str) -> Result<Endpoint, String> {
-    let raw = raw.trim();
-    if raw.is_empty() {
-        return Ok(Endpoint(None));
-    }
-    let full = match raw.strip_prefix(':') {
-        Some(port) => format!("0.0.0.0:{port}"),
-        None => raw.to_owned(),
-    };
-    full.parse()
-        .map(|addr| Endpoint(Some(addr)))
-        .map_err(|_| format!("{raw:?} is not an address like ':8080' or '127.0.0.1:8080'"))
-}
-
-/// Accepts `<n>ms`, `<n>s`, `<n>m`, `<n>h`.
-fn parse_duration(raw: &str) -> Result<Duration, String> {
-    let raw = raw.trim();
-    let split = raw.find(|c: char| !c.is_ascii_digit()).unwrap_or(raw.len());
-    let (number, unit) = raw.split_at(split);
-    let n: u64 = number
-        .parse()
-        .map_err(|_| format!("{raw:?} is not a duration like '10m', '30s' or '500ms'"))?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "s" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n * 60)),
-        "h" => Ok(Duration::from_secs(n * 3600)),
-        _ => Err(format!(
-            "{raw:?} has no unit; use ms, s, m or h (e.g. '10m')"
-        )),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -259,40 +222,5 @@ mod tests {
     fn bad_feature_gates_fail_at_parse_time() {
         let err = parse(&["--feature-gates", "NoSuchGate=true"]).unwrap_err();
         assert!(err.to_string().contains("NoSuchGate"), "{err}");
-    }
-
-    #[test]
-    fn endpoints() {
-        let cases = [
-            (":9090", Ok(Endpoint(Some("0.0.0.0:9090".parse().unwrap())))),
-            (
-                "127.0.0.1:1",
-                Ok(Endpoint(Some("127.0.0.1:1".parse().unwrap()))),
-            ),
-            ("", Ok(Endpoint(None))),
-            (
-                "localhost",
-                Err("\"localhost\" is not an address like ':8080' or '127.0.0.1:8080'".to_owned()),
-            ),
-        ];
-        for (raw, want) in cases {
-            assert_eq!(parse_endpoint(raw), want, "{raw}");
-        }
-    }
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
-        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
-        assert_eq!(parse_duration("10m"), Ok(Duration::from_secs(600)));
-        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
-        assert_eq!(
-            parse_duration("10"),
-            Err("\"10\" has no unit; use ms, s, m or h (e.g. '10m')".to_owned())
-        );
-        assert_eq!(
-            parse_duration("m"),
-            Err("\"m\" is not a duration like '10m', '30s' or '500ms'".to_owned())
-        );
     }
 }

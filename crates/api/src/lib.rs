@@ -16,6 +16,7 @@ pub mod computedomain;
 pub mod config;
 pub mod crd;
 pub mod featuregates;
+pub mod flags;
 pub mod names;
 pub mod quantity;
 

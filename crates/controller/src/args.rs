@@ -10,12 +10,13 @@
 //! Failure modes: a malformed value (duration, address, feature gate) fails parsing with a
 //! message naming the flag; nothing here touches the network or the filesystem.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{ArgAction, Parser, ValueEnum};
 use nvdra_api::FeatureGates;
+pub use nvdra_api::flags::Endpoint;
+use nvdra_api::flags::{parse_duration, parse_endpoint};
 use nvdra_api::names::leases;
 
 /// The ComputeDomain controller of the `compute-domain.nvidia.com` DRA driver.
@@ -129,51 +130,6 @@ pub enum LogFormat {
     Text,
     /// One JSON object per line.
     Json,
-}
-
-/// An optional listen address.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Endpoint(pub Option<SocketAddr>);
-
-/// Accepts Go-style `:8080` (all interfaces), `host:port`, or empty (off).
-fn parse_endpoint(raw: &str) -> Result<Endpoint, String> {
-    let raw = raw.trim();
-    if raw.is_empty() {
-        return Ok(Endpoint(None));
-    }
-    let full = match raw.strip_prefix(':') {
-        Some(port) => format!("0.0.0.0:{port}"),
-        None => raw.to_owned(),
-    };
-    full.parse()
-        .map(|addr| Endpoint(Some(addr)))
-        .map_err(|_| format!("{raw:?} is not an address like ':8080' or '127.0.0.1:8080'"))
-}
-
-/// Accepts Go-style single-unit durations: `<n>ms`, `<n>s`, `<n>m`, `<n>h`.
-fn parse_duration(raw: &str) -> Result<Duration, String> {
-    let raw = raw.trim();
-    let split = raw.find(|c: char| !c.is_ascii_digit()).unwrap_or(raw.len());
-    let (number, unit) = raw.split_at(split);
-    let n: u64 = number
-        .parse()
-        .map_err(|_| format!("{raw:?} is not a duration like '15s', '10m' or '500ms'"))?;
-    let duration = match unit {
-        "ms" => Duration::from_millis(n),
-        "s" => Duration::from_secs(n),
-        "m" => Duration::from_secs(n * 60),
-        "h" => Duration::from_secs(n * 3600),
-        _ => {
-            return Err(format!(
-                "{raw:?} has no unit; use ms, s, m or h (e.g. '15s')"
-            ));
-        }
-    };
-    // Every duration here is a period or a deadline; zero would spin or panic.
-    if duration.is_zero() {
-        return Err(format!("{raw:?} must be longer than zero"));
-    }
-    Ok(duration)
 }
 
 impl Args {
