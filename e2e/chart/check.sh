@@ -192,11 +192,14 @@ expect_same "ClusterRole rules (least privilege)" \
     verbs: ["get", "patch"]
   - apiGroups: ["resource.nvidia.com"]
     resources: ["computedomains"]
-    verbs: ["list"]' \
+    verbs: ["list", "watch"]' \
 	"$(clusterrole_rules <<<"$kp_rbac")"
-expect_contains "agent Role: cliques list in the driver namespace" \
+expect_contains "agent Role: cliques list and watch in the driver namespace" \
 '  name: nvdra-role-kubeletplugin
   namespace: nvdra' "$kp_rbac"
+expect_contains "agent Role: clique verbs" \
+'    resources: ["computedomaincliques"]
+    verbs: ["list", "watch"]' "$kp_rbac"
 
 ctl="$(ok_render --show-only templates/controller.yaml)"
 expect_same "controller ServiceAccount" "$release-nvdra-service-account-controller" \
@@ -369,6 +372,10 @@ if [[ -n "$kubeconfig" ]]; then
 	run "agent: lists ResourceClaims cluster-wide" k get resourceclaims --all-namespaces "${as_agent[@]}"
 	run "agent: may get a Node" k auth can-i get nodes "${as_agent[@]}"
 	run "agent: may create Events in default" k auth can-i create events.events.k8s.io -n default "${as_agent[@]}"
+	run "agent: may watch ComputeDomains cluster-wide" \
+		k auth can-i watch computedomains.resource.nvidia.com --all-namespaces "${as_agent[@]}"
+	run "agent: may watch ComputeDomainCliques in the driver namespace" \
+		k auth can-i watch computedomaincliques.resource.nvidia.com -n "$ns" "${as_agent[@]}"
 	refused "agent: may not list Nodes" k get nodes "${as_agent[@]}"
 	refused "agent: may not read Secrets" k get secrets -n "$ns" "${as_agent[@]}"
 	for denied in "update resourceclaims" "update nodes" "get resourceslices" "create events.events.k8s.io -n $ns"; do

@@ -65,9 +65,6 @@ pub use prepare::PrepareError;
 /// pod that is already starting, short enough to answer well inside the kubelet's 45 s.
 pub const DEFAULT_READINESS_TIMEOUT: Duration = Duration::from_secs(25);
 
-/// How often the wait looks at the domain's cliques.
-pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(500);
-
 /// File name of the IMEX config template in a domain directory.
 pub const CONFIG_TEMPLATE_FILE: &str = "imexd.cfg.tmpl";
 
@@ -117,8 +114,6 @@ pub struct ComputeDomainDriverConfig {
     pub cluster: Cluster,
     /// Longest wait for the local daemon in one channel prepare.
     pub readiness_timeout: Duration,
-    /// Interval of the readiness checks.
-    pub poll_interval: Duration,
 }
 
 /// State shared by the handle and its blocking workers.
@@ -132,7 +127,6 @@ pub(crate) struct Shared {
     metrics: Metrics,
     cluster: Cluster,
     readiness_timeout: Duration,
-    poll_interval: Duration,
     published: Vec<Device>,
     node_lock_path: PathBuf,
     ledger: Mutex<Ledger>,
@@ -169,7 +163,6 @@ impl ComputeDomainDriver {
             metrics,
             cluster,
             readiness_timeout,
-            poll_interval,
         } = config;
         std::fs::create_dir_all(&plugin_data_dir).map_err(|source| Error::CreateDataDir {
             path: plugin_data_dir.clone(),
@@ -220,7 +213,6 @@ impl ComputeDomainDriver {
             metrics,
             cluster,
             readiness_timeout,
-            poll_interval,
             published: devices::node_devices(),
             node_lock_path,
             ledger: Mutex::new(ledger),

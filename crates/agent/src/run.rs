@@ -369,7 +369,6 @@ fn start_compute_domain_plugin(
         metrics: metrics.clone(),
         cluster: Cluster::new(client.clone(), &args.namespace, &args.node_name),
         readiness_timeout: args.daemon_ready_timeout,
-        poll_interval: crate::computedomain::DEFAULT_POLL_INTERVAL,
     })
     .map_err(Error::StartComputeDomainDriver)?;
     tracing::info!(

@@ -38,6 +38,8 @@ mod compute_domain_driver {
         ready: HashSet<String>,
         /// Merge patches sent to this node.
         node_patches: Vec<Value>,
+        /// Clique LISTs of one domain (a wait's last word), as opposed to the watch's LIST.
+        domain_clique_lists: usize,
     }
 
     type Handle = tower_test::mock::Handle<Request<Body>, Response<Full<Bytes>>>;
@@ -51,11 +53,18 @@ mod compute_domain_driver {
     }
 
     /// Serves requests until the client goes away.
+    /// Watches are held open and never answered, so the driver's watch caches see the first
+    /// LIST only and every later change reaches it through the LIST a wait makes at its deadline.
     async fn serve(mut handle: Handle, state: Arc<Mutex<ApiState>>) {
+        let mut held = Vec::new();
         while let Some((request, reply)) = handle.next_request().await {
             let path = request.uri().path().to_owned();
             let query = request.uri().query().unwrap_or("").to_owned();
             let method = request.method().clone();
+            if query.contains("watch=true") {
+                held.push(reply);
+                continue;
+            }
             let body = http_body_util::BodyExt::collect(request.into_body())
                 .await
                 .unwrap()
@@ -83,7 +92,7 @@ mod compute_domain_driver {
                         })
                         .collect();
                     json!({"apiVersion": "meta.k8s.io/v1", "kind": "PartialObjectMetadataList",
-                           "metadata": {}, "items": items})
+                           "metadata": {"resourceVersion": "1"}, "items": items})
                 }
                 (Method::PATCH, "/api/v1/nodes/node-a") => {
                     assert!(query.contains("fieldManager=nvdra-agent"), "{query}");
@@ -96,23 +105,36 @@ mod compute_domain_driver {
                     Method::GET,
                     "/apis/resource.nvidia.com/v1beta1/namespaces/nvdra/computedomaincliques",
                 ) => {
-                    let uid = query
+                    // The watch's LIST asks for every labelled clique; a wait's LIST for one
+                    // domain's.
+                    let selector = query
                         .split('&')
                         .find_map(|kv| kv.strip_prefix("labelSelector="))
                         .map(|s| s.replace("%2F", "/").replace("%3D", "="))
-                        .and_then(|s| s.split_once('=').map(|(_, v)| v.to_owned()))
                         .unwrap();
-                    let status = if state.ready.contains(&uid) {
-                        "Ready"
-                    } else {
-                        "NotReady"
-                    };
-                    json!({"apiVersion": "resource.nvidia.com/v1beta1", "kind": "ComputeDomainCliqueList",
-                           "metadata": {}, "items": [{
+                    let wanted = selector.split_once('=').map(|(_, v)| v.to_owned());
+                    state.domain_clique_lists += usize::from(wanted.is_some());
+                    let items: Vec<Value> = state
+                        .domains
+                        .iter()
+                        .map(|(uid, _, _)| uid)
+                        .filter(|uid| wanted.as_ref().is_none_or(|w| w == *uid))
+                        .map(|uid| {
+                            let status = if state.ready.contains(uid) {
+                                "Ready"
+                            } else {
+                                "NotReady"
+                            };
+                            json!({
                                "apiVersion": "resource.nvidia.com/v1beta1", "kind": "ComputeDomainClique",
-                               "metadata": {"name": format!("{uid}.{CLIQUE}"), "namespace": DRIVER_NS},
+                               "metadata": {"name": format!("{uid}.{CLIQUE}"), "namespace": DRIVER_NS,
+                                            "labels": {"resource.nvidia.com/computeDomain": uid}},
                                "daemons": [{"nodeName": NODE, "ipAddress": "10.0.0.1",
-                                            "cliqueID": CLIQUE, "index": 0, "status": status}]}]})
+                                            "cliqueID": CLIQUE, "index": 0, "status": status}]})
+                        })
+                        .collect();
+                    json!({"apiVersion": "resource.nvidia.com/v1beta1", "kind": "ComputeDomainCliqueList",
+                           "metadata": {"resourceVersion": "1"}, "items": items})
                 }
                 (method, path) => panic!("unexpected request {method} {path}?{query}"),
             };
@@ -157,7 +179,6 @@ mod compute_domain_driver {
             metrics,
             cluster: Cluster::new(client, DRIVER_NS, NODE),
             readiness_timeout: timeout,
-            poll_interval: Duration::from_millis(20),
         })
         .unwrap();
         Setup {
@@ -291,6 +312,8 @@ mod compute_domain_driver {
             .prepare_resource_claims(vec![channel_claim("c3", "team-a", "cd-1")])
             .await;
         assert!(got["c3"].is_ok(), "{got:?}");
+        // Readiness came from the clique watch: no per-domain LIST, and the timeout is 5 s.
+        assert_eq!(s.api.lock().unwrap().domain_clique_lists, 0);
         let node_of = |uid: &str| {
             spec(&s.cdi, uid).devices[0].container_edits.device_nodes[0]
                 .path
@@ -404,6 +427,8 @@ mod compute_domain_driver {
             err(&got, "w"),
             "waiting for the IMEX daemon of ComputeDomain team-a/imex on node node-a to be Ready"
         );
+        // The watch never said Ready, so the wait asked the API once at its deadline.
+        assert_eq!(s.api.lock().unwrap().domain_clique_lists, 1);
         assert_eq!(
             s.driver.checkpoint_state().claim("w").unwrap().state,
             ClaimState::PrepareStarted
@@ -415,6 +440,7 @@ mod compute_domain_driver {
             .prepare_resource_claims(vec![channel_claim("w", "team-a", "cd-1")])
             .await;
         assert!(got["w"].is_ok(), "{got:?}");
+        assert_eq!(s.api.lock().unwrap().domain_clique_lists, 2);
         let got = s
             .driver
             .unprepare_resource_claims(vec![ClaimRef::new("team-a", "claim-w", "w")])

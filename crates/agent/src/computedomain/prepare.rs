@@ -8,7 +8,7 @@
 //!    `PrepareStarted` with their domain UID, in one checkpoint write.
 //! 3. **Talk to the API** without locks, claims concurrently: find the ComputeDomain; for a
 //!    channel claim check the namespace, label the Node and, in a clique, wait for the local
-//!    daemon to be Ready.
+//!    daemon to be Ready (on the agent's clique watch, no polling).
 //! 4. **Finish** under the locks: assign the channel / create the domain directory, write the
 //!    spec, record `PrepareCompleted` (one write), then answer. A claim that failed in step 3
 //!    after its Node label was attempted stays `PrepareStarted` (so an Unprepare still removes
@@ -401,22 +401,26 @@ async fn talk_to_api(shared: &Shared, plan: Plan) -> Found {
     }
 }
 
-/// Polls the domain's cliques until this node's daemon is Ready or the timeout passes.
+/// Waits (on the agent's clique watch) until this node's daemon is Ready or the timeout passes.
 async fn wait_ready(shared: &Shared, domain: &DomainRef) -> Result<(), PrepareError> {
     let deadline = tokio::time::Instant::now() + shared.readiness_timeout;
-    loop {
-        match shared.cluster.daemon_ready(&domain.uid).await {
-            Ok(true) => return Ok(()),
-            Ok(false) => {}
-            Err(err) => tracing::debug!(%domain, error = %err, "cannot check daemon readiness"),
-        }
-        if tokio::time::Instant::now() + shared.poll_interval > deadline {
-            return Err(PrepareError::NotReady {
+    match shared
+        .cluster
+        .wait_daemon_ready(&domain.uid, deadline)
+        .await
+    {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(PrepareError::NotReady {
+            domain: domain.clone(),
+            node: shared.node_name.clone(),
+        }),
+        Err(err) => {
+            tracing::debug!(%domain, error = %err, "cannot check daemon readiness");
+            Err(PrepareError::NotReady {
                 domain: domain.clone(),
                 node: shared.node_name.clone(),
-            });
+            })
         }
-        tokio::time::sleep(shared.poll_interval).await;
     }
 }
 
