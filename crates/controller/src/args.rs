@@ -39,8 +39,9 @@ pub struct Args {
     #[arg(long, env = "CD_DAEMON_IMAGE_PULL_SECRET_NAMES", value_delimiter = ',')]
     pub cd_daemon_image_pull_secret_names: Vec<String>,
 
-    /// Log verbosity of the IMEX daemons, passed to them as `NVDRA_LOG`: a klog level
-    /// (0–3 info, 4–5 debug, 6+ trace) or a tracing filter such as `info,nvdra=debug`.
+    /// Log verbosity of the IMEX daemons, passed to them as `NVDRA_LOG`: a klog level (as the
+    /// chart's `logVerbosity`: 0–2 info, 3–5 debug for nvdra's crates, 6+ trace for them and
+    /// debug for the API client) or a tracing filter such as `info,nvdra_imex_daemon=debug`.
     #[arg(long, env = "LOG_VERBOSITY_CD_DAEMON", default_value = "1")]
     pub log_verbosity_cd_daemon: String,
 
@@ -147,12 +148,22 @@ impl Args {
 }
 
 /// The daemons' `NVDRA_LOG` filter for a `--log-verbosity-cd-daemon` value: klog levels map
-/// to tracing levels, anything else is taken as a filter already.
+/// as the chart maps the agent's `logVerbosity` (libraries stay at info until 6, because a
+/// debug-level HTTP stack logs several lines per API request, which at a few hundred daemons
+/// is real CPU); anything else is taken as a filter already.
 pub fn daemon_log_filter(verbosity: &str) -> String {
+    const OURS: [&str; 2] = ["nvdra_imex_daemon", "nvdra_api"];
     match verbosity.trim().parse::<u32>() {
-        Ok(0..=3) => "info".to_owned(),
-        Ok(4..=5) => "debug".to_owned(),
-        Ok(_) => "trace".to_owned(),
+        Ok(0..=2) => "info".to_owned(),
+        Ok(3..=5) => std::iter::once("info".to_owned())
+            .chain(OURS.iter().map(|c| format!("{c}=debug")))
+            .collect::<Vec<_>>()
+            .join(","),
+        Ok(_) => ["info".to_owned(), "kube_client=debug".to_owned()]
+            .into_iter()
+            .chain(OURS.iter().map(|c| format!("{c}=trace")))
+            .collect::<Vec<_>>()
+            .join(","),
         Err(_) => verbosity.trim().to_owned(),
     }
 }
@@ -253,9 +264,13 @@ mod tests {
     fn daemon_log_filters() {
         let cases = [
             ("0", "info"),
-            ("3", "info"),
-            ("4", "debug"),
-            ("6", "trace"),
+            ("2", "info"),
+            ("3", "info,nvdra_imex_daemon=debug,nvdra_api=debug"),
+            ("5", "info,nvdra_imex_daemon=debug,nvdra_api=debug"),
+            (
+                "6",
+                "info,kube_client=debug,nvdra_imex_daemon=trace,nvdra_api=trace",
+            ),
             ("warn,nvdra=debug", "warn,nvdra=debug"),
         ];
         for (raw, want) in cases {
