@@ -43,6 +43,11 @@ pub struct ClusterSpec {
     /// ComputeDomain controller replicas (leader-elected); 0 runs none.
     #[serde(default)]
     pub controllers: u8,
+    /// Client QPS of each kube-controller-manager controller; `None` keeps
+    /// upstream's 20, which caps the ResourceClaim controller at 20 writes a
+    /// second (a claim and a pod status patch per pod).
+    #[serde(default)]
+    pub kcm_qps: Option<u32>,
 }
 
 impl ClusterSpec {
@@ -65,6 +70,7 @@ impl ClusterSpec {
             chart_sets: Vec::new(),
             agent_extra: Vec::new(),
             controllers: 1,
+            kcm_qps: None,
         }
     }
 }
@@ -106,7 +112,7 @@ impl Cluster {
         let names: Vec<String> = spec.nodes.iter().map(|n| n.name.clone()).collect();
         // Every controller on: the emulators heartbeat, so the node
         // lifecycle controller sees Ready nodes as a real cluster's would.
-        let cp = ControlPlane::up(&tools.controlplane, &dir, &names, "*")?;
+        let cp = ControlPlane::up(&tools.controlplane, &dir, &names, "*", spec.kcm_qps)?;
         let cluster = Self {
             image: String::new(),
             agent_ports: Vec::new(),

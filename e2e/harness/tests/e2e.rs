@@ -38,6 +38,10 @@ struct Args {
     /// Program paths.
     #[command(flatten)]
     tools: ToolPaths,
+    /// Client QPS of kube-controller-manager's controllers in the scale run
+    /// (burst twice that); 0 keeps upstream's default of 20.
+    #[arg(long, env = "NVDRA_E2E_SCALE_KCM_QPS", default_value_t = 100)]
+    scale_kcm_qps: u32,
     /// Run only scenarios whose name contains one of these.
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
     filters: Vec<String>,
@@ -180,7 +184,7 @@ fn main() -> ExitCode {
     }
 
     if wanted("cd_scale") {
-        let outcome = match scale_spec(&base) {
+        let outcome = match scale_spec(&base, args.scale_kcm_qps) {
             Ok(spec) => runtime.block_on(with_cluster(
                 &tools,
                 &base.join("scale"),
@@ -258,6 +262,7 @@ fn functional_spec() -> ClusterSpec {
         agent_extra: Vec::new(),
         // Two, so a scenario can kill the leader and watch the standby take over.
         controllers: 2,
+        kcm_qps: None,
     }
 }
 
@@ -274,6 +279,7 @@ fn latency_spec() -> ClusterSpec {
         chart_sets: Vec::new(),
         agent_extra: Vec::new(),
         controllers: 0,
+        kcm_qps: None,
     }
 }
 
@@ -281,7 +287,7 @@ fn latency_spec() -> ClusterSpec {
 /// IMEX domain spans at most 18 nodes), one controller: the ComputeDomain
 /// scale run. The rack profiles are the built-in `gb200-x4` with the
 /// clique ID changed, written next to the run directory.
-fn scale_spec(base: &std::path::Path) -> anyhow::Result<ClusterSpec> {
+fn scale_spec(base: &std::path::Path, kcm_qps: u32) -> anyhow::Result<ClusterSpec> {
     let tray = std::fs::read_to_string(repo_root().join("crates/gpu/profiles/gb200-x4.yaml"))?;
     anyhow::ensure!(
         tray.contains("clique_id: 1\n"),
@@ -307,6 +313,7 @@ fn scale_spec(base: &std::path::Path) -> anyhow::Result<ClusterSpec> {
         chart_sets: Vec::new(),
         agent_extra: Vec::new(),
         controllers: 1,
+        kcm_qps: (kcm_qps > 0).then_some(kcm_qps),
     })
 }
 

@@ -280,6 +280,7 @@ spec:
         "domain_ready_after_ms": ready.as_secs_f64() * 1000.0,
         "all_pods_running_after_ms": running.as_secs_f64() * 1000.0,
         "clique_conflicts_409": conflicts,
+        "controller_manager_qps": env.cluster.spec.kcm_qps.unwrap_or(20),
     });
     std::fs::write(
         env.cluster.dir.join("scale.json"),
