@@ -26,8 +26,9 @@
 #   NVDRA_CP_RUNTIME_CONFIG  extra --runtime-config entries
 #   NVDRA_CP_CONTROLLERS     --controllers for the controller-manager
 #   NVDRA_CP_V               log verbosity of the components (default 2)
-#   NVDRA_CP_KCM_QPS         client QPS of each controller-manager controller
-#                            (burst twice that; default: upstream's 20/30)
+#   NVDRA_CP_CLIENT_QPS      client QPS of the scheduler and of each
+#                            controller-manager controller (burst twice that;
+#                            default: upstream's 50/100 and 20/30)
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -102,9 +103,9 @@ runtime_config+="${NVDRA_CP_RUNTIME_CONFIG:+,$NVDRA_CP_RUNTIME_CONFIG}"
 # each new Node node.kubernetes.io/not-ready, which only that controller
 # removes. Re-enable both once a kubelet emulator heartbeats.
 controllers="${NVDRA_CP_CONTROLLERS:-*,-node-lifecycle-controller}"
-kcm_client=()
-if [[ -n "${NVDRA_CP_KCM_QPS:-}" ]]; then
-	kcm_client=(--kube-api-qps="$NVDRA_CP_KCM_QPS" --kube-api-burst="$((2 * NVDRA_CP_KCM_QPS))")
+client_qps=()
+if [[ -n "${NVDRA_CP_CLIENT_QPS:-}" ]]; then
+	client_qps=(--kube-api-qps="$NVDRA_CP_CLIENT_QPS" --kube-api-burst="$((2 * NVDRA_CP_CLIENT_QPS))")
 fi
 
 cat >"$run_dir/cluster.env" <<EOF
@@ -161,6 +162,7 @@ setsid "$bin" all --log-dir "$run_dir/logs" --pid-dir "$run_dir/pids" \
 	--secure-port="$sched_port" \
 	--leader-elect=false \
 	--feature-gates="$gates" \
+	"${client_qps[@]}" \
 	-- controller-manager \
 	--v="$v" \
 	--kubeconfig="$run_dir/controller-manager.kubeconfig" \
@@ -171,7 +173,7 @@ setsid "$bin" all --log-dir "$run_dir/logs" --pid-dir "$run_dir/pids" \
 	--secure-port="$cm_port" \
 	--leader-elect=false \
 	--controllers="$controllers" \
-	"${kcm_client[@]}" \
+	"${client_qps[@]}" \
 	--use-service-account-credentials=true \
 	--service-account-private-key-file="$pki/sa.key" \
 	--root-ca-file="$pki/ca.crt" \

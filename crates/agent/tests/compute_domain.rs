@@ -105,14 +105,22 @@ mod compute_domain_driver {
                     Method::GET,
                     "/apis/resource.nvidia.com/v1beta1/namespaces/nvdra/computedomaincliques",
                 ) => {
-                    // The watch's LIST asks for every labelled clique; a wait's LIST for one
-                    // domain's.
+                    // The watch's LIST asks for the cliques of this node's NVLink clique; a
+                    // wait's LIST for one domain's.
                     let selector = query
                         .split('&')
                         .find_map(|kv| kv.strip_prefix("labelSelector="))
                         .map(|s| s.replace("%2F", "/").replace("%3D", "="))
                         .unwrap();
-                    let wanted = selector.split_once('=').map(|(_, v)| v.to_owned());
+                    let (key, value) = selector.split_once('=').unwrap();
+                    let wanted = match key {
+                        "resource.nvidia.com/computeDomain" => Some(value.to_owned()),
+                        "resource.nvidia.com/computeDomain.cliqueID" => {
+                            assert_eq!(value, CLIQUE);
+                            None
+                        }
+                        other => panic!("clique list by {other}"),
+                    };
                     state.domain_clique_lists += usize::from(wanted.is_some());
                     let items: Vec<Value> = state
                         .domains
@@ -128,7 +136,8 @@ mod compute_domain_driver {
                             json!({
                                "apiVersion": "resource.nvidia.com/v1beta1", "kind": "ComputeDomainClique",
                                "metadata": {"name": format!("{uid}.{CLIQUE}"), "namespace": DRIVER_NS,
-                                            "labels": {"resource.nvidia.com/computeDomain": uid}},
+                                            "labels": {"resource.nvidia.com/computeDomain": uid,
+                                                       "resource.nvidia.com/computeDomain.cliqueID": CLIQUE}},
                                "daemons": [{"nodeName": NODE, "ipAddress": "10.0.0.1",
                                             "cliqueID": CLIQUE, "index": 0, "status": status}]})
                         })

@@ -43,11 +43,12 @@ pub struct ClusterSpec {
     /// ComputeDomain controller replicas (leader-elected); 0 runs none.
     #[serde(default)]
     pub controllers: u8,
-    /// Client QPS of each kube-controller-manager controller; `None` keeps
-    /// upstream's 20, which caps the ResourceClaim controller at 20 writes a
-    /// second (a claim and a pod status patch per pod).
+    /// Client QPS of kube-scheduler and of each kube-controller-manager
+    /// controller; `None` keeps upstream's 50 and 20. At 20 the ResourceClaim
+    /// controller writes at most 20 objects a second (a claim and a pod status
+    /// patch per pod), at 50 the scheduler binds at most 25 pods with claims.
     #[serde(default)]
-    pub kcm_qps: Option<u32>,
+    pub client_qps: Option<u32>,
 }
 
 impl ClusterSpec {
@@ -70,7 +71,7 @@ impl ClusterSpec {
             chart_sets: Vec::new(),
             agent_extra: Vec::new(),
             controllers: 1,
-            kcm_qps: None,
+            client_qps: None,
         }
     }
 }
@@ -112,7 +113,7 @@ impl Cluster {
         let names: Vec<String> = spec.nodes.iter().map(|n| n.name.clone()).collect();
         // Every controller on: the emulators heartbeat, so the node
         // lifecycle controller sees Ready nodes as a real cluster's would.
-        let cp = ControlPlane::up(&tools.controlplane, &dir, &names, "*", spec.kcm_qps)?;
+        let cp = ControlPlane::up(&tools.controlplane, &dir, &names, "*", spec.client_qps)?;
         let cluster = Self {
             image: String::new(),
             agent_ports: Vec::new(),

@@ -25,23 +25,24 @@ pub struct ControlPlane {
 impl ControlPlane {
     /// Starts etcd, kube-apiserver, kube-scheduler and
     /// kube-controller-manager in `dir` with kubelet identities for `nodes`;
-    /// `kcm_qps` sets the controller-manager's client QPS (else upstream's 20).
+    /// `client_qps` sets the scheduler's and controller-manager's client QPS
+    /// (else upstream's defaults).
     pub fn up(
         bin: &Path,
         dir: &Path,
         nodes: &[String],
         controllers: &str,
-        kcm_qps: Option<u32>,
+        client_qps: Option<u32>,
     ) -> Result<Self> {
         let mut cmd = Command::new(repo_root().join("e2e/controlplane/up.sh"));
         cmd.arg(dir)
             .env("NVDRA_CP_BIN", bin)
             .env("NVDRA_CP_NODES", nodes.join(" "))
             .env("NVDRA_CP_CONTROLLERS", controllers)
-            .env_remove("NVDRA_CP_KCM_QPS")
+            .env_remove("NVDRA_CP_CLIENT_QPS")
             .stdin(Stdio::null());
-        if let Some(qps) = kcm_qps {
-            cmd.env("NVDRA_CP_KCM_QPS", qps.to_string());
+        if let Some(qps) = client_qps {
+            cmd.env("NVDRA_CP_CLIENT_QPS", qps.to_string());
         }
         let status = cmd.status().context("run e2e/controlplane/up.sh")?;
         if !status.success() {

@@ -38,10 +38,11 @@ struct Args {
     /// Program paths.
     #[command(flatten)]
     tools: ToolPaths,
-    /// Client QPS of kube-controller-manager's controllers in the scale run
-    /// (burst twice that); 0 keeps upstream's default of 20.
-    #[arg(long, env = "NVDRA_E2E_SCALE_KCM_QPS", default_value_t = 100)]
-    scale_kcm_qps: u32,
+    /// Client QPS of kube-scheduler and kube-controller-manager's
+    /// controllers in the scale run (burst twice that); 0 keeps upstream's
+    /// defaults (50 and 20).
+    #[arg(long, env = "NVDRA_E2E_SCALE_CLIENT_QPS", default_value_t = 200)]
+    scale_client_qps: u32,
     /// Run only scenarios whose name contains one of these.
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
     filters: Vec<String>,
@@ -184,7 +185,7 @@ fn main() -> ExitCode {
     }
 
     if wanted("cd_scale") {
-        let outcome = match scale_spec(&base, args.scale_kcm_qps) {
+        let outcome = match scale_spec(&base, args.scale_client_qps) {
             Ok(spec) => runtime.block_on(with_cluster(
                 &tools,
                 &base.join("scale"),
@@ -262,7 +263,7 @@ fn functional_spec() -> ClusterSpec {
         agent_extra: Vec::new(),
         // Two, so a scenario can kill the leader and watch the standby take over.
         controllers: 2,
-        kcm_qps: None,
+        client_qps: None,
     }
 }
 
@@ -279,7 +280,7 @@ fn latency_spec() -> ClusterSpec {
         chart_sets: Vec::new(),
         agent_extra: Vec::new(),
         controllers: 0,
-        kcm_qps: None,
+        client_qps: None,
     }
 }
 
@@ -287,7 +288,7 @@ fn latency_spec() -> ClusterSpec {
 /// IMEX domain spans at most 18 nodes), one controller: the ComputeDomain
 /// scale run. The rack profiles are the built-in `gb200-x4` with the
 /// clique ID changed, written next to the run directory.
-fn scale_spec(base: &std::path::Path, kcm_qps: u32) -> anyhow::Result<ClusterSpec> {
+fn scale_spec(base: &std::path::Path, client_qps: u32) -> anyhow::Result<ClusterSpec> {
     let tray = std::fs::read_to_string(repo_root().join("crates/gpu/profiles/gb200-x4.yaml"))?;
     anyhow::ensure!(
         tray.contains("clique_id: 1\n"),
@@ -313,7 +314,7 @@ fn scale_spec(base: &std::path::Path, kcm_qps: u32) -> anyhow::Result<ClusterSpe
         chart_sets: Vec::new(),
         agent_extra: Vec::new(),
         controllers: 1,
-        kcm_qps: (kcm_qps > 0).then_some(kcm_qps),
+        client_qps: (client_qps > 0).then_some(client_qps),
     })
 }
 

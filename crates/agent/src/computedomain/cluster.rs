@@ -4,8 +4,8 @@
 //! - Two watches, each started on first use and kept for the agent's life, answer the hot
 //!   questions from memory, so a burst of channel claims costs the API server no requests
 //!   per claim: a cluster-wide metadata-only watch of ComputeDomains (UIDs are not a field
-//!   selector for custom resources) and a watch of the ComputeDomainCliques in the driver
-//!   namespace. A node with four pods per domain used to poll a clique LIST twice a second per
+//!   selector for custom resources) and a watch of the ComputeDomainCliques of this node's
+//!   NVLink clique (label `resource.nvidia.com/computeDomain.cliqueID`) in the driver namespace. A node with four pods per domain used to poll a clique LIST twice a second per
 //!   claim; on 64 nodes that was 500 LISTs a second on the API server.
 //! - The watches are only a fast path. A UID missing from the domain watch is looked up with a
 //!   cluster-wide LIST (the watch may lag a domain created a moment ago), and a readiness wait
@@ -218,11 +218,14 @@ impl Cluster {
         })
     }
 
-    fn clique_watch(&self) -> &Watched<ComputeDomainClique> {
+    /// The watch of this node's NVLink clique's cliques (one per domain); `clique_id` is the
+    /// node's and never changes during the agent's life.
+    fn clique_watch(&self, clique_id: &str) -> &Watched<ComputeDomainClique> {
         self.cliques.get_or_init(|| {
             Watched::start(
                 Api::namespaced(self.client.clone(), &self.namespace),
-                watcher::Config::default().labels(labels::COMPUTE_DOMAIN),
+                watcher::Config::default()
+                    .labels(&format!("{}={clique_id}", labels::COMPUTE_DOMAIN_CLIQUE_ID)),
                 "computedomaincliques",
             )
         })
@@ -280,12 +283,16 @@ impl Cluster {
     /// Waits until this node's IMEX daemon of `domain_uid` is Ready (`Ok(true)`) or
     /// `deadline` passes; then one LIST gives the answer, so a watch that is failing or lagging
     /// cannot turn a Ready daemon into a timeout.
+    ///
+    /// Only the cliques of `clique_id` (this node's) can hold this node's row, so only they
+    /// are watched: a rack's agents do not hear about every other rack's daemons.
     pub async fn wait_daemon_ready(
         &self,
         domain_uid: &str,
+        clique_id: &str,
         deadline: Instant,
     ) -> Result<bool, ClusterError> {
-        let watched = self.clique_watch();
+        let watched = self.clique_watch(clique_id);
         let mut changed = watched.changed.clone();
         loop {
             changed.borrow_and_update();

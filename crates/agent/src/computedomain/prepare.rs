@@ -389,10 +389,11 @@ async fn talk_to_api(shared: &Shared, plan: Plan) -> Found {
         };
     }
     // Outside a clique the daemon has nothing to coordinate (it idles), so nothing to wait for.
-    let outcome = if shared.clique_id.is_some() {
-        wait_ready(shared, &domain).await.map(|()| domain)
-    } else {
-        Ok(domain)
+    let outcome = match &shared.clique_id {
+        Some(clique_id) => wait_ready(shared, &domain, clique_id)
+            .await
+            .map(|()| domain),
+        None => Ok(domain),
     };
     Found {
         plan,
@@ -402,11 +403,15 @@ async fn talk_to_api(shared: &Shared, plan: Plan) -> Found {
 }
 
 /// Waits (on the agent's clique watch) until this node's daemon is Ready or the timeout passes.
-async fn wait_ready(shared: &Shared, domain: &DomainRef) -> Result<(), PrepareError> {
+async fn wait_ready(
+    shared: &Shared,
+    domain: &DomainRef,
+    clique_id: &str,
+) -> Result<(), PrepareError> {
     let deadline = tokio::time::Instant::now() + shared.readiness_timeout;
     match shared
         .cluster
-        .wait_daemon_ready(&domain.uid, deadline)
+        .wait_daemon_ready(&domain.uid, clique_id, deadline)
         .await
     {
         Ok(true) => Ok(()),

@@ -280,7 +280,8 @@ spec:
         "domain_ready_after_ms": ready.as_secs_f64() * 1000.0,
         "all_pods_running_after_ms": running.as_secs_f64() * 1000.0,
         "clique_conflicts_409": conflicts,
-        "controller_manager_qps": env.cluster.spec.kcm_qps.unwrap_or(20),
+        // null: upstream's defaults (scheduler 50, controller-manager 20).
+        "control_plane_client_qps": env.cluster.spec.client_qps,
     });
     std::fs::write(
         env.cluster.dir.join("scale.json"),
