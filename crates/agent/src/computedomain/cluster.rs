@@ -23,7 +23,9 @@
 //! list and watch (driver namespace). Failure modes: [`ClusterError`], carrying the API error's
 //! text.
 
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
 
 use futures::{FutureExt as _, StreamExt as _};
 use k8s_openapi::api::core::v1::Node;
@@ -88,6 +90,10 @@ pub enum ClusterError {
     },
 }
 
+/// How long a lookup waits for a watch that is still making its first LIST before it asks
+/// the API itself.
+const WATCH_START_WAIT: Duration = Duration::from_secs(5);
+
 /// The API side of the driver.
 pub struct Cluster {
     client: Client,
@@ -95,6 +101,9 @@ pub struct Cluster {
     node: String,
     domains: OnceLock<Watched<PartialObjectMeta<ComputeDomain>>>,
     cliques: OnceLock<Watched<ComputeDomainClique>>,
+    /// Domains whose label this agent has set on its Node since it started (and not removed
+    /// since), so the other claims of a domain on this node skip the no-op patch.
+    labelled: Mutex<HashSet<String>>,
 }
 
 /// A watch's cache, a counter bumped on every event it delivers (so waiters wake), and the
@@ -205,6 +214,7 @@ impl Cluster {
             node: node.into(),
             domains: OnceLock::new(),
             cliques: OnceLock::new(),
+            labelled: Mutex::new(HashSet::new()),
         }
     }
 
@@ -232,9 +242,16 @@ impl Cluster {
     }
 
     /// The ComputeDomain with `uid`: from the domain watch, else from a cluster-wide LIST.
+    ///
+    /// The first claims after start wait (briefly) for the watch's first LIST instead of
+    /// each listing every domain themselves: a node's burst of claims costs one LIST.
     pub async fn domain(&self, uid: &str) -> Result<DomainRef, ClusterError> {
         let watched = self.domain_watch();
-        if watched.ready()
+        let ready = watched.ready()
+            || tokio::time::timeout(WATCH_START_WAIT, watched.store.wait_until_ready())
+                .await
+                .is_ok_and(|r| r.is_ok());
+        if ready
             && let Some(found) = watched
                 .store
                 .find(|d| d.metadata.uid.as_deref() == Some(uid))
@@ -270,13 +287,27 @@ impl Cluster {
             })
     }
 
-    /// Sets this node's label for `domain_uid`.
+    fn labelled(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.labelled
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Sets this node's label for `domain_uid`; once per domain while the label stays (only
+    /// this agent removes it while the domain exists, and the caller has just found the
+    /// domain).
     pub async fn label_node(&self, domain_uid: &str) -> Result<(), ClusterError> {
-        self.patch_node(domain_uid, label_patch(domain_uid)).await
+        if self.labelled().contains(domain_uid) {
+            return Ok(());
+        }
+        self.patch_node(domain_uid, label_patch(domain_uid)).await?;
+        self.labelled().insert(domain_uid.to_owned());
+        Ok(())
     }
 
     /// Removes this node's label for `domain_uid`.
     pub async fn unlabel_node(&self, domain_uid: &str) -> Result<(), ClusterError> {
+        self.labelled().remove(domain_uid);
         self.patch_node(domain_uid, unlabel_patch(domain_uid)).await
     }
 

@@ -190,19 +190,68 @@ spec:
 /// Sum of the API server's `apiserver_request_total` for
 /// `computedomaincliques` answered 409 (Conflict).
 fn clique_conflicts(env: &Env) -> Result<u64> {
+    Ok(api_requests(env)?
+        .iter()
+        .filter(|(key, _)| key.starts_with("computedomaincliques ") && key.ends_with(" 409"))
+        .map(|(_, n)| n)
+        .sum())
+}
+
+/// The API server's `apiserver_request_total`, summed per
+/// `"<resource>[/<subresource>] <verb> <code>"`.
+fn api_requests(env: &Env) -> Result<std::collections::BTreeMap<String, u64>> {
     let metrics = env
         .cluster
         .cp
         .kubectl(&["get", "--raw", "/metrics"], None)?;
-    Ok(metrics
-        .lines()
-        .filter(|l| {
-            l.starts_with("apiserver_request_total{")
-                && l.contains("resource=\"computedomaincliques\"")
-                && l.contains("code=\"409\"")
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum::<f64>() as u64)
+    let mut out = std::collections::BTreeMap::new();
+    for line in metrics.lines() {
+        let Some(labels) = line
+            .strip_prefix("apiserver_request_total{")
+            .and_then(|rest| rest.split_once('}'))
+        else {
+            continue;
+        };
+        let label = |name: &str| {
+            labels
+                .0
+                .split(',')
+                .find_map(|kv| kv.strip_prefix(&format!("{name}=\"")))
+                .map(|v| v.trim_end_matches('"').to_owned())
+                .unwrap_or_default()
+        };
+        let Ok(count) = labels.1.trim().parse::<f64>() else {
+            continue;
+        };
+        let sub = label("subresource");
+        let resource = if sub.is_empty() {
+            label("resource")
+        } else {
+            format!("{}/{sub}", label("resource"))
+        };
+        *out.entry(format!("{resource} {} {}", label("verb"), label("code")))
+            .or_default() += count as u64;
+    }
+    Ok(out)
+}
+
+/// The busiest request kinds between two [`api_requests`] readings.
+fn busiest(
+    before: &std::collections::BTreeMap<String, u64>,
+    after: &std::collections::BTreeMap<String, u64>,
+    n: usize,
+) -> serde_json::Value {
+    let mut delta: Vec<(&String, u64)> = after
+        .iter()
+        .map(|(k, v)| (k, v.saturating_sub(before.get(k).copied().unwrap_or(0))))
+        .filter(|(_, v)| *v > 0)
+        .collect();
+    delta.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(b.0)));
+    let total: u64 = delta.iter().map(|(_, v)| v).sum();
+    serde_json::json!({
+        "total": total,
+        "top": delta.iter().take(n).map(|(k, v)| format!("{v} {k}")).collect::<Vec<_>>(),
+    })
 }
 
 /// CD scenario 2: one ComputeDomain over every node of the scale cluster
@@ -219,6 +268,7 @@ pub async fn compute_domain_scale(env: Arc<Env>) -> Result<()> {
         .collect();
     let ns = env.namespace("e2e-scale").await?;
     let conflicts_before = clique_conflicts(&env)?;
+    let requests_before = api_requests(&env)?;
     let started = Instant::now();
     env.apply(&format!(
         "apiVersion: resource.nvidia.com/v1beta1
@@ -264,6 +314,7 @@ spec:
     })
     .await?;
     let ready = started.elapsed();
+    let requests_until_ready = busiest(&requests_before, &api_requests(&env)?, 15);
     let api = env.pods(&ns);
     nvdra_e2e::wait::until(Duration::from_secs(300), "every worker Running", || async {
         let list = api.list(&Default::default()).await?;
@@ -282,6 +333,8 @@ spec:
         "clique_conflicts_409": conflicts,
         // null: upstream's defaults (scheduler 50, controller-manager 20).
         "control_plane_client_qps": env.cluster.spec.client_qps,
+        // What the API server served from creation to Ready (metrics reads included).
+        "api_requests_until_ready": requests_until_ready,
     });
     std::fs::write(
         env.cluster.dir.join("scale.json"),
