@@ -227,6 +227,20 @@ expect_same "controller's daemons get the chart image" 'ghcr.io/nvdra/nvdra:v0.1
 daemon_rbac="$(ok_render --show-only templates/rbac-computedomain-daemon.yaml)"
 expect_same "daemon ServiceAccount (fixed name the DaemonSets use)" \
 	"compute-domain-daemon-service-account" "$(kind_names ServiceAccount <<<"$daemon_rbac")"
+policies="$(ok_render --show-only templates/admission-policies.yaml)"
+expect_same "admission policies: agent and daemon confinement" \
+"nvdra-kubeletplugin-own-node
+nvdra-compute-domain-daemon-own-row" "$(kind_names ValidatingAdmissionPolicy <<<"$policies")"
+expect_same "admission policies: each bound, denying" 2 \
+	"$(grep -c 'validationActions: \["Deny"\]' <<<"$policies")"
+expect_contains "agent policy matches the agent's own ServiceAccount user" \
+	"expression: request.userInfo.username == \"system:serviceaccount:$ns:$sa\"" "$policies"
+expect_contains "daemon policy matches the daemons' ServiceAccount user" \
+	"\"system:serviceaccount:$ns:compute-domain-daemon-service-account\"" "$policies"
+expect_absent "admissionPolicies.enabled=false drops them" "ValidatingAdmissionPolicy" \
+	"$(ok_render --set admissionPolicies.enabled=false)"
+expect_absent "no daemon policy without ComputeDomains" "daemon-own-row" \
+	"$(ok_render --set resources.computeDomains.enabled=false)"
 binding="$(ok_render --show-only templates/rbac-kubeletplugin.yaml)"
 expect_contains "ClusterRoleBinding binds the ClusterRole to the ServiceAccount" \
 "subjects:

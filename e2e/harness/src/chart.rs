@@ -172,6 +172,83 @@ pub fn service_account_kubeconfig(
             None,
         )
         .with_context(|| format!("request a token for {namespace}/{service_account}"))?;
+    write_token_kubeconfig(cp, namespace, service_account, token.trim(), out)
+}
+
+/// Writes a kubeconfig for `namespace/service_account` whose token is bound
+/// to Node `node`, as a DaemonSet pod's projected token is bound to its pod
+/// and node: the API server then names the node in the user's extra
+/// `authentication.kubernetes.io/node-name`, which the chart's admission
+/// policies confine the agent to. The Node is created here when its kubelet
+/// has not registered it yet (the emulator adopts it). Returns its path.
+pub async fn node_bound_kubeconfig(
+    cp: &ControlPlane,
+    client: &kube::Client,
+    (namespace, service_account): &(String, String),
+    node: &str,
+    hours: u32,
+    out: &Path,
+) -> Result<PathBuf> {
+    use k8s_openapi::api::authentication::v1::{
+        BoundObjectReference, TokenRequest, TokenRequestSpec,
+    };
+    use k8s_openapi::api::core::v1::{Node, ServiceAccount};
+    use kube::api::{Api, PostParams};
+
+    let nodes: Api<Node> = Api::all(client.clone());
+    let existing = nodes
+        .get_opt(node)
+        .await
+        .with_context(|| format!("read Node {node}"))?;
+    let object = match existing {
+        Some(object) => object,
+        None => {
+            let mut fresh = Node::default();
+            fresh.metadata.name = Some(node.to_owned());
+            match nodes.create(&PostParams::default(), &fresh).await {
+                Ok(object) => object,
+                // Registered by its kubelet meanwhile.
+                Err(kube::Error::Api(status)) if status.code == 409 => nodes.get(node).await?,
+                Err(err) => return Err(err).with_context(|| format!("create Node {node}")),
+            }
+        }
+    };
+    let request = TokenRequest {
+        spec: TokenRequestSpec {
+            audiences: Vec::new(),
+            expiration_seconds: Some(i64::from(hours) * 3600),
+            bound_object_ref: Some(BoundObjectReference {
+                api_version: Some("v1".into()),
+                kind: Some("Node".into()),
+                name: Some(node.to_owned()),
+                uid: object.metadata.uid.clone(),
+            }),
+        },
+        ..Default::default()
+    };
+    let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), namespace);
+    let granted = accounts
+        .create_token_request(service_account, &PostParams::default(), &request)
+        .await
+        .with_context(|| {
+            format!("request a token for {namespace}/{service_account} bound to Node {node}")
+        })?;
+    let token = granted
+        .status
+        .map(|s| s.token)
+        .context("the token request returned no token")?;
+    write_token_kubeconfig(cp, namespace, service_account, &token, out)
+}
+
+/// Writes a kubeconfig for the ServiceAccount's `token`, with the admin's
+/// server and CA.
+fn write_token_kubeconfig(
+    cp: &ControlPlane,
+    namespace: &str,
+    service_account: &str,
+    token: &str,
+    out: &Path,
+) -> Result<PathBuf> {
     let admin = kube::config::Kubeconfig::read_from(cp.admin_kubeconfig())
         .context("read the admin kubeconfig")?;
     let cluster = admin
@@ -184,7 +261,7 @@ pub fn service_account_kubeconfig(
         "apiVersion": "v1",
         "kind": "Config",
         "clusters": [{ "name": "local", "cluster": cluster }],
-        "users": [{ "name": user, "user": { "token": token.trim() } }],
+        "users": [{ "name": user, "user": { "token": token } }],
         "contexts": [{ "name": "local", "context": { "cluster": "local", "user": user } }],
         "current-context": "local",
     });

@@ -155,12 +155,23 @@ impl Cluster {
         self.image = rendered.image.clone();
         let identities = self.dir.join("identities");
         std::fs::create_dir_all(&identities)?;
-        let agent_kubeconfig = chart::service_account_kubeconfig(
-            &self.cp,
-            &rendered.agent_service_account,
-            48,
-            &identities.join("agent.kubeconfig"),
-        )?;
+        // One agent identity per node, bound to its Node as a DaemonSet
+        // pod's token is: the chart's admission policies confine the agent
+        // to the node its token names.
+        let mut agent_kubeconfigs = Vec::new();
+        for spec in &self.spec.nodes {
+            agent_kubeconfigs.push(
+                chart::node_bound_kubeconfig(
+                    &self.cp,
+                    &client,
+                    &rendered.agent_service_account,
+                    &spec.name,
+                    48,
+                    &identities.join(format!("agent-{}.kubeconfig", spec.name)),
+                )
+                .await?,
+            );
+        }
         self.agent_ports = self.cp.free_ports(self.spec.nodes.len())?;
         self.save()?;
         if self.spec.controllers > 0 {
@@ -168,7 +179,14 @@ impl Cluster {
         }
         let driver_root = driver_root(&self.tools, &self.dir)?;
         let short_nodes_dir = short_link(&self.dir)?;
-        for (index, (spec, port)) in self.spec.nodes.iter().zip(&self.agent_ports).enumerate() {
+        for (index, ((spec, port), agent_kubeconfig)) in self
+            .spec
+            .nodes
+            .iter()
+            .zip(&self.agent_ports)
+            .zip(&agent_kubeconfigs)
+            .enumerate()
+        {
             let dirs = NodeDirs::new(&self.dir, &spec.name);
             node::start(
                 &self.tools,
@@ -176,7 +194,7 @@ impl Cluster {
                     spec,
                     dirs: &dirs,
                     node_kubeconfig: &self.cp.node_kubeconfig(&spec.name),
-                    agent_kubeconfig: &agent_kubeconfig,
+                    agent_kubeconfig,
                     agent_http_port: *port,
                     agent_extra: &self.spec.agent_extra,
                     image: &rendered.image,

@@ -16,6 +16,7 @@ mod e2e {
     pub mod computedomain;
     pub mod env;
     pub mod perf;
+    pub mod privilege;
     pub mod scenarios;
 }
 
@@ -111,6 +112,16 @@ const SCENARIOS: &[(&str, Scenario, u64)] = &[
         "cd_bad_channel_claims",
         |e| Box::pin(e2e::computedomain::bad_channel_claims(e)),
         180,
+    ),
+    (
+        "agent_confined_to_its_node",
+        |e| Box::pin(e2e::privilege::agent_confined_to_its_node(e)),
+        60,
+    ),
+    (
+        "daemon_confined_to_its_row",
+        |e| Box::pin(e2e::privilege::daemon_confined_to_its_row(e)),
+        60,
     ),
 ];
 
