@@ -140,6 +140,20 @@ expect_fail "guard: gpuHttpEndpoint needs a port" \
 	"kubeletPlugin.metrics.gpuHttpEndpoint must end in :<port>" \
 	--set gpuResourcesEnabledOverride=true --set kubeletPlugin.metrics.gpuHttpEndpoint=localhost
 
+# values.schema.json: unknown keys and wrong types fail with the key's path.
+expect_fail "schema: a misspelt key is refused" \
+	"at '/kubeletPlugin': additional properties 'metric' not allowed" \
+	--set gpuResourcesEnabledOverride=true --set kubeletPlugin.metric.enabled=false
+expect_fail "schema: an unknown top-level key is refused" \
+	"additional properties 'featureGate' not allowed" \
+	--set gpuResourcesEnabledOverride=true --set featureGate.MPSSupport=true
+expect_fail "schema: a duration must be a string" \
+	"at '/controller/leaderElection/leaseDuration': got number, want string" \
+	--set gpuResourcesEnabledOverride=true --set controller.leaderElection.leaseDuration=15
+expect_fail "schema: feature gates are booleans" \
+	"at '/featureGates/MPSSupport'" \
+	--set gpuResourcesEnabledOverride=true --set-string featureGates.MPSSupport=yes
+
 for args in "--set allowDefaultNamespace=true --namespace default" \
 	"--set namespaceOverride=default --namespace default" \
 	"--set resourceApiVersion=resource.k8s.io/v1"; do
