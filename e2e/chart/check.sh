@@ -255,6 +255,24 @@ expect_absent "admissionPolicies.enabled=false drops them" "ValidatingAdmissionP
 	"$(ok_render --set admissionPolicies.enabled=false)"
 expect_absent "no daemon policy without ComputeDomains" "daemon-own-row" \
 	"$(ok_render --set resources.computeDomains.enabled=false)"
+netpol="$(ok_render --show-only templates/networkpolicies.yaml)"
+expect_same "NetworkPolicies on by default: agent, controller, IMEX daemons" \
+"nvdra-kubelet-plugin
+nvdra-controller
+nvdra-compute-domain-daemons" "$(kind_names NetworkPolicy <<<"$netpol")"
+expect_same "every policy governs both directions" 3 \
+	"$(grep -c 'policyTypes: \["Ingress", "Egress"\]' <<<"$netpol")"
+expect_contains "daemons reach each other on nvidia-imex's ports" \
+"        - { protocol: TCP, port: 50000 }
+        - { protocol: TCP, port: 50005 }" "$netpol"
+expect_same "API server egress on 6443 for each" 3 "$(grep -c 'port: 6443$' <<<"$netpol")"
+expect_contains "metrics off: no ingress for the agent" "  ingress: []" \
+	"$(ok_render --set kubeletPlugin.metrics.enabled=false --show-only templates/networkpolicies.yaml)"
+expect_contains "metricsFrom limits who may scrape" "kubernetes.io/metadata.name: monitoring" \
+	"$(ok_render --set-json 'kubeletPlugin.networkPolicy.metricsFrom=[{"namespaceSelector":{"matchLabels":{"kubernetes.io/metadata.name":"monitoring"}}}]' \
+		--show-only templates/networkpolicies.yaml)"
+expect_absent "networkPolicy.enabled=false drops them" "kind: NetworkPolicy" \
+	"$(ok_render --set kubeletPlugin.networkPolicy.enabled=false --set controller.networkPolicy.enabled=false)"
 binding="$(ok_render --show-only templates/rbac-kubeletplugin.yaml)"
 expect_contains "ClusterRoleBinding binds the ClusterRole to the ServiceAccount" \
 "subjects:
