@@ -139,6 +139,9 @@ expect_fail "guard: logVerbosity must be a number" \
 expect_fail "guard: gpuHttpEndpoint needs a port" \
 	"kubeletPlugin.metrics.gpuHttpEndpoint must end in :<port>" \
 	--set gpuResourcesEnabledOverride=true --set kubeletPlugin.metrics.gpuHttpEndpoint=localhost
+expect_fail "guard: a DaemonSet cannot both surge and be unavailable" \
+	"sets both maxSurge (1) and maxUnavailable (100%)" \
+	--set gpuResourcesEnabledOverride=true --set kubeletPlugin.updateStrategy.rollingUpdate.maxUnavailable=100%
 
 # values.schema.json: unknown keys and wrong types fail with the key's path.
 expect_fail "schema: a misspelt key is refused" \
@@ -273,6 +276,20 @@ expect_contains "metricsFrom limits who may scrape" "kubernetes.io/metadata.name
 		--show-only templates/networkpolicies.yaml)"
 expect_absent "networkPolicy.enabled=false drops them" "kind: NetworkPolicy" \
 	"$(ok_render --set kubeletPlugin.networkPolicy.enabled=false --set controller.networkPolicy.enabled=false)"
+expect_contains "agent update surges (new pod beside the old, pod-UID sockets)" \
+"  updateStrategy:
+    rollingUpdate:
+      maxSurge: 1
+      maxUnavailable: 0" "$(ok_render --show-only templates/kubeletplugin.yaml)"
+expect_contains "upstream's 100% unavailable with maxSurge 0 still renders" "maxUnavailable: 100%" \
+	"$(ok_render --set kubeletPlugin.updateStrategy.rollingUpdate.maxSurge=0 \
+		--set kubeletPlugin.updateStrategy.rollingUpdate.maxUnavailable=100% --show-only templates/kubeletplugin.yaml)"
+one="$(ok_render --show-only templates/controller.yaml)"
+expect_same "one controller without leader election" "false" "$(env_value LEADER_ELECTION_ENABLED <<<"$one")"
+expect_contains "... and never two at once during an update" "    type: Recreate" "$one"
+two="$(ok_render --set controller.replicas=2 --show-only templates/controller.yaml)"
+expect_same "two replicas turn leader election on" "true" "$(env_value LEADER_ELECTION_ENABLED <<<"$two")"
+expect_absent "... and may roll" "type: Recreate" "$two"
 binding="$(ok_render --show-only templates/rbac-kubeletplugin.yaml)"
 expect_contains "ClusterRoleBinding binds the ClusterRole to the ServiceAccount" \
 "subjects:
@@ -291,7 +308,6 @@ ds="$(ok_render --show-only templates/kubeletplugin.yaml)"
 expect_contains "DaemonSet container gpus runs nvdra-agent" \
 '        - name: gpus
           image: ghcr.io/nvdra/nvdra:v0.1.0' "$ds"
-expect_contains "DaemonSet rolling update 100%" "maxUnavailable: 100%" "$ds"
 expect_same "NODE_NAME from spec.nodeName" "spec.nodeName" \
 	"$(grep -A3 -- '- name: NODE_NAME$' <<<"$ds" | awk '/fieldPath:/{print $2}')"
 expect_same "POD_UID from metadata.uid" "metadata.uid" \
