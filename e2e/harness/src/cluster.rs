@@ -83,6 +83,8 @@ struct State {
     image: String,
     controlplane: PathBuf,
     agent_ports: Vec<u16>,
+    #[serde(default)]
+    controller_ports: Vec<u16>,
 }
 
 /// A running cluster.
@@ -96,6 +98,8 @@ pub struct Cluster {
     pub spec: ClusterSpec,
     /// Each node's agent HTTP port, in `spec.nodes` order.
     pub agent_ports: Vec<u16>,
+    /// Each controller replica's HTTP port (`/metrics`, `/livez`, `/readyz`).
+    pub controller_ports: Vec<u16>,
     /// Programs.
     pub tools: Tools,
     /// The chart's image; pods using it run our binaries locally.
@@ -117,6 +121,7 @@ impl Cluster {
         let cluster = Self {
             image: String::new(),
             agent_ports: Vec::new(),
+            controller_ports: Vec::new(),
             dir: dir.clone(),
             cp,
             spec,
@@ -173,9 +178,12 @@ impl Cluster {
             );
         }
         self.agent_ports = self.cp.free_ports(self.spec.nodes.len())?;
-        self.save()?;
         if self.spec.controllers > 0 {
+            self.controller_ports = self.cp.free_ports(usize::from(self.spec.controllers))?;
+            self.save()?;
             self.start_controllers(&rendered, &identities)?;
+        } else {
+            self.save()?;
         }
         let driver_root = driver_root(&self.tools, &self.dir)?;
         let short_nodes_dir = short_link(&self.dir)?;
@@ -225,8 +233,8 @@ impl Cluster {
             &identities.join("controller.kubeconfig"),
         )?;
         let bin = self.tools.bin("nvdra-controller")?;
-        let ports = self.cp.free_ports(usize::from(self.spec.controllers))?;
-        let groups: Vec<Vec<String>> = ports
+        let groups: Vec<Vec<String>> = self
+            .controller_ports
             .iter()
             .enumerate()
             .map(|(i, port)| {
@@ -266,6 +274,7 @@ impl Cluster {
             dir: dir.to_owned(),
             spec: state.spec,
             agent_ports: state.agent_ports,
+            controller_ports: state.controller_ports,
             image: state.image,
             tools,
         })
@@ -353,6 +362,7 @@ impl Cluster {
             image: self.image.clone(),
             controlplane: self.cp.bin.clone(),
             agent_ports: self.agent_ports.clone(),
+            controller_ports: self.controller_ports.clone(),
         };
         let path = self.dir.join("local-cluster.json");
         std::fs::write(&path, serde_json::to_vec_pretty(&state)?)

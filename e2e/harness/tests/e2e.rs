@@ -15,6 +15,7 @@
 mod e2e {
     pub mod computedomain;
     pub mod env;
+    pub mod observability;
     pub mod perf;
     pub mod privilege;
     pub mod scenarios;
@@ -122,6 +123,16 @@ const SCENARIOS: &[(&str, Scenario, u64)] = &[
         "daemon_confined_to_its_row",
         |e| Box::pin(e2e::privilege::daemon_confined_to_its_row(e)),
         60,
+    ),
+    (
+        "metrics_pass_promtool",
+        |e| Box::pin(e2e::observability::metrics_pass_promtool(e)),
+        60,
+    ),
+    (
+        "prometheus_scrapes_every_component",
+        |e| Box::pin(e2e::observability::prometheus_scrapes_every_component(e)),
+        90,
     ),
 ];
 

@@ -1,0 +1,231 @@
+//! Metrics as an operator consumes them: every component's `/metrics` passes
+//! `promtool check metrics` (Prometheus' own lint of names, units and help),
+//! and a real Prometheus server (Debian's package) scrapes every agent and
+//! controller of the cluster and finds the key series.
+//!
+//! Both need Debian's `prometheus` package (`promtool`, `prometheus`), which
+//! `scripts/test` installs; run by hand without it, the scenario fails and
+//! says so.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail, ensure};
+
+use super::env::Env;
+
+/// `GET http://127.0.0.1:<port><path>` (HTTP/1.0, so no chunked body);
+/// the status code and body.
+fn http_get(port: u16, path: &str) -> Result<(u16, String)> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port))
+        .with_context(|| format!("connect to 127.0.0.1:{port}"))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")?;
+    let mut raw = String::new();
+    stream.read_to_string(&mut raw)?;
+    let (head, body) = raw
+        .split_once("\r\n\r\n")
+        .with_context(|| format!("no HTTP response from 127.0.0.1:{port}{path}"))?;
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .with_context(|| format!("no status line in {head:?}"))?;
+    Ok((status, body.to_owned()))
+}
+
+fn tool(name: &str) -> Result<()> {
+    let found = Command::new(name)
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    ensure!(
+        found,
+        "{name} is not installed: install Debian's prometheus package \
+         (apt-get install --no-install-recommends prometheus; scripts/test does)"
+    );
+    Ok(())
+}
+
+/// The HTTP ports of every agent and controller, named for messages.
+fn targets(env: &Env) -> Vec<(String, u16)> {
+    let agents = env
+        .cluster
+        .spec
+        .nodes
+        .iter()
+        .zip(&env.cluster.agent_ports)
+        .map(|(n, p)| (format!("agent {}", n.name), *p));
+    let controllers = env
+        .cluster
+        .controller_ports
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (format!("controller-{i}"), *p));
+    agents.chain(controllers).collect()
+}
+
+/// Every component's exposition passes `promtool check metrics`.
+pub async fn metrics_pass_promtool(env: Arc<Env>) -> Result<()> {
+    tool("promtool")?;
+    let targets = targets(&env);
+    ensure!(
+        !env.cluster.controller_ports.is_empty(),
+        "the cluster runs no controller"
+    );
+    for (name, port) in &targets {
+        let (status, body) = http_get(*port, "/metrics")?;
+        ensure!(status == 200, "{name}: /metrics answered {status}");
+        let mut child = Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .context("run promtool")?;
+        child
+            .stdin
+            .take()
+            .context("promtool stdin")?
+            .write_all(body.as_bytes())?;
+        let out = child.wait_with_output()?;
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        ensure!(
+            out.status.success() && said.trim().is_empty(),
+            "{name}: promtool check metrics: {said}"
+        );
+    }
+    Ok(())
+}
+
+/// A Prometheus server, stopped on drop.
+struct Prometheus(std::process::Child);
+
+impl Drop for Prometheus {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn start_prometheus(dir: &Path, port: u16, targets: &[(String, u16)]) -> Result<Prometheus> {
+    std::fs::create_dir_all(dir)?;
+    let list = |prefix: &str| {
+        targets
+            .iter()
+            .filter(|(n, _)| n.starts_with(prefix))
+            .map(|(_, p)| format!("'127.0.0.1:{p}'"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let config = format!(
+        "global: {{ scrape_interval: 1s, evaluation_interval: 1s }}
+scrape_configs:
+  - job_name: nvdra-agent
+    static_configs: [{{ targets: [{}] }}]
+  - job_name: nvdra-controller
+    static_configs: [{{ targets: [{}] }}]
+",
+        list("agent"),
+        list("controller")
+    );
+    let config_path = dir.join("prometheus.yml");
+    std::fs::write(&config_path, config)?;
+    let log = std::fs::File::create(dir.join("prometheus.log"))?;
+    let child = Command::new("prometheus")
+        .arg(format!("--config.file={}", config_path.display()))
+        .arg(format!(
+            "--storage.tsdb.path={}",
+            dir.join("data").display()
+        ))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"))
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .context("start prometheus")?;
+    Ok(Prometheus(child))
+}
+
+/// One instant query; the result vector.
+fn query(port: u16, promql: &str) -> Result<Vec<serde_json::Value>> {
+    let encoded: String = promql
+        .bytes()
+        .map(|b| match b {
+            b'a'..=b'z' | b'A'..=b'Z' | b'0'..=b'9' | b'_' | b'-' | b'.' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect();
+    let (status, body) = http_get(port, &format!("/api/v1/query?query={encoded}"))?;
+    ensure!(status == 200, "query {promql}: HTTP {status}: {body}");
+    let value: serde_json::Value = serde_json::from_str(&body)?;
+    Ok(value["data"]["result"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default())
+}
+
+/// A real Prometheus scrapes every agent and controller and finds the series
+/// an operator's dashboards and alerts use.
+pub async fn prometheus_scrapes_every_component(env: Arc<Env>) -> Result<()> {
+    tool("prometheus")?;
+    let targets = targets(&env);
+    let port = env.cluster.cp.free_ports(1)?[0];
+    let _server = start_prometheus(&env.cluster.dir.join("prometheus"), port, &targets)?;
+
+    let want = targets.len();
+    let mut up = 0;
+    for _ in 0..60 {
+        up = query(port, "up == 1").map(|r| r.len()).unwrap_or(0);
+        if up == want {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    ensure!(up == want, "{up} of {want} targets up after 30 s");
+
+    let nodes = env.cluster.spec.nodes.len();
+    let series = [
+        // Per agent: its devices by type, its slice pool, its request counters.
+        ("count(nvdra_agent_slices > 0)", nodes),
+        (
+            "count(count by (instance) (nvidia_dra_prepared_devices))",
+            nodes,
+        ),
+        (
+            "count(nvdra_agent_slice_publish_consecutive_failures == 0)",
+            nodes,
+        ),
+        (
+            "count(process_resident_memory_bytes{job=\"nvdra-agent\"})",
+            nodes,
+        ),
+        // Exactly one controller replica leads.
+        ("sum(nvdra_controller_leader)", 1),
+        (
+            "count(process_resident_memory_bytes{job=\"nvdra-controller\"})",
+            env.cluster.controller_ports.len(),
+        ),
+    ];
+    for (promql, expected) in series {
+        let result = query(port, promql)?;
+        let value = result
+            .first()
+            .and_then(|r| r["value"][1].as_str())
+            .and_then(|v| v.parse::<f64>().ok());
+        if value != Some(expected as f64) {
+            bail!("{promql}: want {expected}, Prometheus says {result:?}");
+        }
+    }
+    Ok(())
+}
