@@ -266,6 +266,8 @@ pub mod reasons {
     pub const RECONCILE_FAILED: &str = "ReconcileFailed";
     /// A ComputeDomain could not be decoded (it does not match the CRD types).
     pub const INVALID_OBJECT: &str = "InvalidObject";
+    /// An IMEX daemon's `nvidia-imex` process ended and was restarted.
+    pub const IMEX_RESTARTED: &str = "IMEXRestarted";
 }
 
 /// Leader-election Lease names.

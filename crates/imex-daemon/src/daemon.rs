@@ -36,6 +36,7 @@ use crate::Error;
 use crate::args::DaemonArgs;
 use crate::clique::{self, Membership};
 use crate::error::chain;
+use crate::events::PodEvents;
 use crate::hosts::{self, Mapping};
 use crate::imex::{self, Imex};
 use crate::{config, index, rootfs};
@@ -95,6 +96,14 @@ pub async fn run(args: DaemonArgs) -> Result<(), Error> {
         pod_uid: args.pod_uid.clone(),
     };
     let mut state = State {
+        events: PodEvents::new(
+            client.clone(),
+            &args.pod_namespace,
+            &args.pod_name,
+            &args.pod_uid,
+            &args.node_name,
+        ),
+        imex_restarts: 0,
         api: Api::namespaced(client.clone(), &args.pod_namespace),
         member,
         pod_ip: args.pod_ip.clone(),
@@ -142,11 +151,14 @@ pub async fn run(args: DaemonArgs) -> Result<(), Error> {
                 }
             }
             status = state.imex.exited() => {
-                match status {
-                    Ok(status) => tracing::warn!(%status, "nvidia-imex exited; restarting in 1s"),
-                    Err(err) => tracing::warn!(error = %err, "wait for nvidia-imex; restarting in 1s"),
-                }
+                let how = match status {
+                    Ok(status) => format!("exited ({status})"),
+                    Err(err) => format!("could not be waited for ({err})"),
+                };
+                tracing::warn!(%how, "nvidia-imex ended; restarting in 1s");
                 state.restart_at = Some(Instant::now() + imex::WATCHDOG_DELAY);
+                state.imex_restarts += 1;
+                state.events.imex_exited(&how, state.imex_restarts).await;
             }
             () = sleep_until(retry) => {
                 state.retry_at = None;
@@ -377,6 +389,9 @@ pub fn desired_row(
 }
 
 struct State {
+    events: PodEvents,
+    /// `nvidia-imex` restarts since start.
+    imex_restarts: u32,
     api: Api<ComputeDomainClique>,
     member: Membership,
     pod_ip: String,

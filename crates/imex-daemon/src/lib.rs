@@ -3,7 +3,7 @@
 //! One daemon pod runs on every node of a ComputeDomain (the controller's DaemonSet). It
 //! publishes the node's membership in its NVLink clique ([`clique`], [`index`]), keeps the
 //! IMEX peers' names in `/etc/hosts` ([`hosts`]), and runs and supervises `nvidia-imex`
-//! ([`imex`]) with the config it renders ([`config`]). [`daemon`] is the `run` subcommand,
+//! ([`imex`]) with the config it renders ([`config`]), reporting restarts as Events ([`events`]). [`daemon`] is the `run` subcommand,
 //! [`check`] the probe. Every container path goes through [`rootfs`], so the e2e can run the
 //! daemon as a local process in a private root.
 //!
@@ -18,6 +18,7 @@ pub mod clique;
 pub mod config;
 pub mod daemon;
 pub mod error;
+pub mod events;
 pub mod hosts;
 pub mod imex;
 pub mod index;

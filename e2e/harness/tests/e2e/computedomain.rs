@@ -479,6 +479,53 @@ pub async fn faults(env: Arc<Env>) -> Result<()> {
     .await?;
     wait_domain_ready(&env, &ns, "sturdy", 4).await?;
 
+    // nvidia-imex dies under a running daemon: the daemon restarts it and
+    // says so in a Warning Event on its pod.
+    let target = pods
+        .list(&ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .find(|p| {
+            node_of(p) == FABRIC_NODES[2]
+                && p.metadata
+                    .owner_references
+                    .iter()
+                    .flatten()
+                    .any(|o| o.name == daemon)
+        })
+        .context("no daemon pod on gb200-2")?;
+    let target_name = target.metadata.name.clone().unwrap_or_default();
+    let target_uid = target.metadata.uid.clone().unwrap_or_default();
+    let imex_pid = imex_process(&target_uid).context("no nvidia-imex process of that daemon")?;
+    nvdra_e2e::supervisor::signal(imex_pid, "KILL")?;
+    let events: Api<k8s_openapi::api::core::v1::Event> =
+        Api::namespaced(env.client.clone(), NAMESPACE);
+    let selector = format!("involvedObject.name={target_name},reason=IMEXRestarted");
+    wait::until(
+        Duration::from_secs(30),
+        "an IMEXRestarted event on the daemon pod",
+        || async {
+            let list = events
+                .list(&ListParams::default().fields(&selector))
+                .await?;
+            Ok(list.items.iter().any(|e| {
+                e.type_.as_deref() == Some("Warning")
+                    && e.message
+                        .as_deref()
+                        .is_some_and(|m| m.starts_with("nvidia-imex exited"))
+            }))
+        },
+    )
+    .await?;
+    wait::until(
+        Duration::from_secs(15),
+        "a new nvidia-imex under the daemon",
+        || async { Ok(imex_process(&target_uid).is_some_and(|pid| pid != imex_pid)) },
+    )
+    .await?;
+    wait_domain_ready(&env, &ns, "sturdy", 4).await?;
+
     // The leader dies; the standby takes over and reconciles a new domain.
     let old = leader(&env)
         .await?
@@ -548,4 +595,19 @@ pub async fn faults(env: Arc<Env>) -> Result<()> {
     }
     delete_domain_and_check_clean(&env, &ns, "after-failover", &after).await?;
     delete_domain_and_check_clean(&env, &ns, "sturdy", &uid).await
+}
+
+/// The PID of the `nvidia-imex` stand-in the daemon of pod `pod_uid` runs
+/// (its program lives in that pod's private root).
+fn imex_process(pod_uid: &str) -> Option<u32> {
+    std::fs::read_dir("/proc")
+        .ok()?
+        .flatten()
+        .find_map(|entry| {
+            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
+            let cmdline = std::fs::read(entry.path().join("cmdline")).ok()?;
+            let program = cmdline.split(|b| *b == 0).next()?;
+            let program = String::from_utf8_lossy(program);
+            (program.contains(pod_uid) && program.ends_with("/usr/bin/nvidia-imex")).then_some(pid)
+        })
 }
