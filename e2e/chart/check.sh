@@ -144,6 +144,8 @@ expect_fail "guard: a DaemonSet cannot both surge and be unavailable" \
 	--set gpuResourcesEnabledOverride=true --set kubeletPlugin.updateStrategy.rollingUpdate.maxUnavailable=100%
 
 # values.schema.json: unknown keys and wrong types fail with the key's path.
+expect_fail "schema: logFormat is text or json" "at '/logFormat'" \
+	--set gpuResourcesEnabledOverride=true --set logFormat=yaml
 expect_fail "schema: a misspelt key is refused" \
 	"at '/kubeletPlugin': additional properties 'metric' not allowed" \
 	--set gpuResourcesEnabledOverride=true --set kubeletPlugin.metric.enabled=false
@@ -290,6 +292,8 @@ expect_contains "... and never two at once during an update" "    type: Recreate
 two="$(ok_render --set controller.replicas=2 --show-only templates/controller.yaml)"
 expect_same "two replicas turn leader election on" "true" "$(env_value LEADER_ELECTION_ENABLED <<<"$two")"
 expect_absent "... and may roll" "type: Recreate" "$two"
+expect_same "logFormat=json reaches the agent and the controller" 2 \
+	"$(ok_render --set logFormat=json | grep -A1 -- '- name: NVDRA_LOG_FORMAT$' | grep -c 'value: "json"')"
 binding="$(ok_render --show-only templates/rbac-kubeletplugin.yaml)"
 expect_contains "ClusterRoleBinding binds the ClusterRole to the ServiceAccount" \
 "subjects:

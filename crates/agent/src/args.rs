@@ -13,7 +13,7 @@ use std::time::Duration;
 use clap::{Parser, ValueEnum};
 use nvdra_api::FeatureGates;
 pub use nvdra_api::flags::Endpoint;
-use nvdra_api::flags::{parse_duration, parse_endpoint};
+use nvdra_api::flags::{LogFormat, parse_duration, parse_endpoint, parse_log_format};
 
 /// The node agent for the `gpu.nvidia.com` and `compute-domain.nvidia.com` DRA drivers.
 #[derive(Debug, Clone, Parser)]
@@ -142,7 +142,7 @@ pub struct Args {
     pub log_level: String,
 
     /// Log format.
-    #[arg(long, env = "NVDRA_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    #[arg(long, env = "NVDRA_LOG_FORMAT", value_parser = parse_log_format, default_value = "text")]
     pub log_format: LogFormat,
 }
 
@@ -153,15 +153,6 @@ pub enum DeviceBackend {
     Nvml,
     /// A deterministic node profile.
     Fake,
-}
-
-/// Log output format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    /// Human-readable lines.
-    Text,
-    /// One JSON object per line.
-    Json,
 }
 
 #[cfg(test)]

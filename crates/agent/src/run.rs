@@ -37,13 +37,14 @@ use nvdra_kubelet_plugin::resourceslice::{self, CounterLayout};
 use nvdra_kubelet_plugin::{BoxError, KubeletPlugin, shutdown_signal};
 use prometheus::{Encoder as _, Registry, TextEncoder};
 
-use crate::args::{Args, DeviceBackend, LogFormat};
+use crate::args::{Args, DeviceBackend};
 use crate::cdi::{CdiStore, CommonEdits, CommonOptions, Hooks, RootMapping, Vendor};
 use crate::checkpoint::LoadOutcome;
 use crate::computedomain::{Cluster, ComputeDomainDriver, ComputeDomainDriverConfig, specs};
 use crate::driver::{GpuDriver, GpuDriverConfig};
 use crate::events::NodeEvents;
 use crate::metrics::Metrics;
+use nvdra_api::flags::LogFormat;
 
 /// Why the agent could not start or stopped with a failure.
 #[derive(Debug, thiserror::Error)]

@@ -6,6 +6,35 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+/// Log output format of every nvdra binary (`--log-format`, `NVDRA_LOG_FORMAT`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    #[default]
+    Text,
+    /// One JSON object per line, for log pipelines.
+    Json,
+}
+
+impl LogFormat {
+    /// The flag value (`text`, `json`), as the controller passes it to the IMEX daemons.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Text => "text",
+            Self::Json => "json",
+        }
+    }
+}
+
+/// Accepts `text` or `json` (any case).
+pub fn parse_log_format(raw: &str) -> Result<LogFormat, String> {
+    match raw.trim().to_ascii_lowercase().as_str() {
+        "text" => Ok(LogFormat::Text),
+        "json" => Ok(LogFormat::Json),
+        _ => Err(format!("{raw:?} is not a log format: use text or json")),
+    }
+}
+
 /// An optional listen address (`None`: serve nothing).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Endpoint(pub Option<SocketAddr>);
@@ -54,6 +83,19 @@ pub fn parse_duration(raw: &str) -> Result<Duration, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn log_formats() {
+        assert_eq!(parse_log_format("json"), Ok(LogFormat::Json));
+        assert_eq!(parse_log_format(" Text "), Ok(LogFormat::Text));
+        assert_eq!(
+            parse_log_format("yaml"),
+            Err("\"yaml\" is not a log format: use text or json".to_owned())
+        );
+        for f in [LogFormat::Text, LogFormat::Json] {
+            assert_eq!(parse_log_format(f.as_str()), Ok(f));
+        }
+    }
 
     #[test]
     fn endpoints() {

@@ -13,10 +13,10 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::{ArgAction, Parser, ValueEnum};
+use clap::{ArgAction, Parser};
 use nvdra_api::FeatureGates;
 pub use nvdra_api::flags::Endpoint;
-use nvdra_api::flags::{parse_duration, parse_endpoint};
+use nvdra_api::flags::{LogFormat, parse_duration, parse_endpoint, parse_log_format};
 use nvdra_api::names::leases;
 
 /// The ComputeDomain controller of the `compute-domain.nvidia.com` DRA driver.
@@ -120,17 +120,8 @@ pub struct Args {
     pub log_level: String,
 
     /// Log format.
-    #[arg(long, env = "NVDRA_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    #[arg(long, env = "NVDRA_LOG_FORMAT", value_parser = parse_log_format, default_value = "text")]
     pub log_format: LogFormat,
-}
-
-/// Log output format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum LogFormat {
-    /// Human-readable lines.
-    Text,
-    /// One JSON object per line.
-    Json,
 }
 
 impl Args {

@@ -36,6 +36,8 @@ pub struct DaemonSettings {
     pub feature_gates: String,
     /// `NVDRA_LOG` of the daemons.
     pub log_filter: String,
+    /// `NVDRA_LOG_FORMAT` of the daemons: the controller's own.
+    pub log_format: nvdra_api::flags::LogFormat,
 }
 
 /// Labels of the DaemonSet and its pods; also the selector.
@@ -89,6 +91,7 @@ pub fn desired(domain_uid: &str, settings: &DaemonSettings) -> apps::DaemonSet {
             value_env("NVIDIA_VISIBLE_DEVICES", "void"),
             value_env("FEATURE_GATES", &settings.feature_gates),
             value_env("NVDRA_LOG", &settings.log_filter),
+            value_env("NVDRA_LOG_FORMAT", settings.log_format.as_str()),
         ]),
         resources: Some(core::ResourceRequirements {
             claims: Some(vec![core::ResourceClaim {
@@ -208,6 +211,7 @@ mod tests {
                     {"name": "NVIDIA_VISIBLE_DEVICES", "value": "void"},
                     {"name": "FEATURE_GATES", "value": "ComputeDomainCliques=true"},
                     {"name": "NVDRA_LOG", "value": "info"},
+                    {"name": "NVDRA_LOG_FORMAT", "value": "text"},
                 ],
                 "resources": {"claims": [{"name": "compute-domain-daemon"}]},
                 "startupProbe": probe(1, 1200),

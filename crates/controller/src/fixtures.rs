@@ -39,6 +39,7 @@ pub fn settings() -> DaemonSettings {
         max_nodes_per_imex_domain: 18,
         feature_gates: "ComputeDomainCliques=true".into(),
         log_filter: "info".into(),
+        log_format: nvdra_api::flags::LogFormat::Text,
     }
 }
 

@@ -42,7 +42,7 @@ use nvdra_api::{ComputeDomain, ComputeDomainClique};
 use prometheus::{Encoder as _, Registry, TextEncoder};
 use tokio::sync::{Notify, watch};
 
-use crate::args::{Args, LogFormat, daemon_log_filter};
+use crate::args::{Args, daemon_log_filter};
 use crate::cleanup;
 use crate::computedomain::{error_policy, reconcile};
 use crate::context::{Context, Stores, domain_uid_label};
@@ -50,6 +50,7 @@ use crate::daemonset::DaemonSettings;
 use crate::error::Error;
 use crate::leader::{self, Elector, Timing};
 use crate::metrics::Metrics;
+use nvdra_api::flags::LogFormat;
 
 type Domain = DeserializeGuard<ComputeDomain>;
 type Queue = BoxStream<'static, Result<ObjectRef<Domain>, watcher::Error>>;
@@ -91,6 +92,7 @@ pub async fn run(args: Args) -> Result<(), Error> {
         max_nodes_per_imex_domain: args.max_nodes_per_imex_domain,
         feature_gates: args.feature_gates.to_string(),
         log_filter: daemon_log_filter(&args.log_verbosity_cd_daemon),
+        log_format: args.log_format,
     };
     let identity = leader::identity(&args.pod_name);
     let recorder = Recorder::new(

@@ -131,6 +131,16 @@ pub struct DaemonArgs {
     /// Log filter (tracing `EnvFilter` syntax), e.g. `info` or `nvdra_imex_daemon=debug`.
     #[arg(long = "log", env = "NVDRA_LOG", default_value = "info", global = true)]
     pub log: String,
+
+    /// Log output format of `run`: `text` or `json` (one object per line).
+    #[arg(
+        long,
+        env = "NVDRA_LOG_FORMAT",
+        value_parser = nvdra_api::flags::parse_log_format,
+        default_value = "text",
+        global = true
+    )]
+    pub log_format: nvdra_api::flags::LogFormat,
 }
 
 #[cfg(test)]

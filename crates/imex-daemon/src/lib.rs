@@ -48,10 +48,13 @@ pub fn run(args: Args) -> ExitCode {
         Command::Run => {
             let filter = tracing_subscriber::EnvFilter::try_new(&args.daemon.log)
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-            tracing_subscriber::fmt()
+            let builder = tracing_subscriber::fmt()
                 .with_env_filter(filter)
-                .with_writer(std::io::stderr)
-                .init();
+                .with_writer(std::io::stderr);
+            match args.daemon.log_format {
+                nvdra_api::flags::LogFormat::Text => builder.init(),
+                nvdra_api::flags::LogFormat::Json => builder.json().init(),
+            }
             match runtime.block_on(daemon::run(args.daemon)) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(err) => {
