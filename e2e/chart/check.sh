@@ -294,6 +294,23 @@ expect_same "two replicas turn leader election on" "true" "$(env_value LEADER_EL
 expect_absent "... and may roll" "type: Recreate" "$two"
 expect_same "logFormat=json reaches the agent and the controller" 2 \
 	"$(ok_render --set logFormat=json | grep -A1 -- '- name: NVDRA_LOG_FORMAT$' | grep -c 'value: "json"')"
+expect_absent "no PrometheusRule by default (needs the Operator's CRDs)" "kind: PrometheusRule" "$default"
+rules="$(ok_render --set monitoring.prometheusRule.enabled=true --set-string monitoring.prometheusRule.labels.release=kube-prometheus \
+	--show-only templates/prometheusrule.yaml)"
+expect_contains "PrometheusRule carries the selector labels" "    release: kube-prometheus" "$rules"
+if command -v promtool >/dev/null 2>&1; then
+	rules_file="$(mktemp)"
+	# The rule file is the object's spec, one level up.
+	awk 'found { print substr($0, 3) } /^spec:$/ { found = 1 }' <<<"$rules" >"$rules_file"
+	if out="$(promtool check rules "$rules_file" 2>&1)" && [[ "$out" == *"SUCCESS: 9 rules found"* ]]; then
+		pass "promtool check rules: 9 alerts"
+	else
+		fail "promtool check rules" "$out"
+	fi
+	rm -f "$rules_file"
+else
+	fail "promtool check rules" "promtool not found: install Debian's prometheus package (scripts/test does)"
+fi
 binding="$(ok_render --show-only templates/rbac-kubeletplugin.yaml)"
 expect_contains "ClusterRoleBinding binds the ClusterRole to the ServiceAccount" \
 "subjects:

@@ -118,7 +118,53 @@ impl Drop for Prometheus {
     }
 }
 
-fn start_prometheus(dir: &Path, port: u16, targets: &[(String, u16)]) -> Result<Prometheus> {
+/// The chart's alerting rules (its PrometheusRule's spec), as a rule file.
+fn chart_rules(env: &Env) -> Result<String> {
+    let out = Command::new(&env.cluster.tools.helm)
+        .args([
+            "template",
+            "nvdra",
+            &nvdra_e2e::tools::repo_root()
+                .join("charts/nvdra")
+                .display()
+                .to_string(),
+            "--namespace",
+            nvdra_e2e::cluster::NAMESPACE,
+            "--set",
+            "gpuResourcesEnabledOverride=true",
+            "--set",
+            "monitoring.prometheusRule.enabled=true",
+            "--show-only",
+            "templates/prometheusrule.yaml",
+        ])
+        .output()
+        .context("run helm template")?;
+    ensure!(
+        out.status.success(),
+        "helm template: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rendered = String::from_utf8(out.stdout)?;
+    // The rule file is the object's spec, one level up.
+    let spec: Vec<&str> = rendered
+        .lines()
+        .skip_while(|l| *l != "spec:")
+        .skip(1)
+        .map(|l| l.strip_prefix("  ").unwrap_or(l))
+        .collect();
+    ensure!(
+        !spec.is_empty(),
+        "the chart rendered no PrometheusRule spec"
+    );
+    Ok(spec.join("\n") + "\n")
+}
+
+fn start_prometheus(
+    dir: &Path,
+    port: u16,
+    targets: &[(String, u16)],
+    rules: &str,
+) -> Result<Prometheus> {
     std::fs::create_dir_all(dir)?;
     let list = |prefix: &str| {
         targets
@@ -128,8 +174,10 @@ fn start_prometheus(dir: &Path, port: u16, targets: &[(String, u16)]) -> Result<
             .collect::<Vec<_>>()
             .join(", ")
     };
+    std::fs::write(dir.join("rules.yml"), rules)?;
     let config = format!(
         "global: {{ scrape_interval: 1s, evaluation_interval: 1s }}
+rule_files: [rules.yml]
 scrape_configs:
   - job_name: nvdra-agent
     static_configs: [{{ targets: [{}] }}]
@@ -176,12 +224,14 @@ fn query(port: u16, promql: &str) -> Result<Vec<serde_json::Value>> {
 }
 
 /// A real Prometheus scrapes every agent and controller and finds the series
-/// an operator's dashboards and alerts use.
+/// an operator's dashboards and alerts use; the chart's alerting rules load,
+/// evaluate without error, and none fires on the healthy cluster.
 pub async fn prometheus_scrapes_every_component(env: Arc<Env>) -> Result<()> {
     tool("prometheus")?;
     let targets = targets(&env);
     let port = env.cluster.cp.free_ports(1)?[0];
-    let _server = start_prometheus(&env.cluster.dir.join("prometheus"), port, &targets)?;
+    let rules = chart_rules(&env)?;
+    let _server = start_prometheus(&env.cluster.dir.join("prometheus"), port, &targets, &rules)?;
 
     let want = targets.len();
     let mut up = 0;
@@ -227,5 +277,39 @@ pub async fn prometheus_scrapes_every_component(env: Arc<Env>) -> Result<()> {
             bail!("{promql}: want {expected}, Prometheus says {result:?}");
         }
     }
-    Ok(())
+
+    // Every alerting rule has been evaluated, cleanly, and none is firing.
+    let mut last = String::new();
+    for _ in 0..20 {
+        let (status, body) = http_get(port, "/api/v1/rules")?;
+        ensure!(status == 200, "/api/v1/rules: HTTP {status}");
+        let value: serde_json::Value = serde_json::from_str(&body)?;
+        let rules: Vec<&serde_json::Value> = value["data"]["groups"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|g| g["rules"].as_array().into_iter().flatten())
+            .collect();
+        ensure!(
+            rules.len() == 9,
+            "Prometheus loaded {} rules, want 9",
+            rules.len()
+        );
+        let bad: Vec<String> = rules
+            .iter()
+            .filter(|r| r["health"] != "ok" || r["state"] == "firing")
+            .map(|r| {
+                format!(
+                    "{} health={} state={} {}",
+                    r["name"], r["health"], r["state"], r["lastError"]
+                )
+            })
+            .collect();
+        if bad.is_empty() {
+            return Ok(());
+        }
+        last = bad.join("; ");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    bail!("alerting rules not all evaluated cleanly and quiet: {last}")
 }
