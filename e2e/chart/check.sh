@@ -294,6 +294,10 @@ expect_same "two replicas turn leader election on" "true" "$(env_value LEADER_EL
 expect_absent "... and may roll" "type: Recreate" "$two"
 expect_same "logFormat=json reaches the agent and the controller" 2 \
 	"$(ok_render --set logFormat=json | grep -A1 -- '- name: NVDRA_LOG_FORMAT$' | grep -c 'value: "json"')"
+dash="$(ok_render --set monitoring.grafanaDashboard.enabled=true --show-only templates/grafana-dashboard.yaml)"
+expect_contains "dashboard ConfigMap carries the sidecar's label" '    grafana_dashboard: "1"' "$dash"
+expect_contains "dashboard ConfigMap embeds dashboards/nvdra.json" '      "uid": "nvdra-overview",' "$dash"
+expect_absent "no dashboard by default" "grafana-dashboard" "$default"
 expect_absent "no PrometheusRule by default (needs the Operator's CRDs)" "kind: PrometheusRule" "$default"
 rules="$(ok_render --set monitoring.prometheusRule.enabled=true --set-string monitoring.prometheusRule.labels.release=kube-prometheus \
 	--show-only templates/prometheusrule.yaml)"

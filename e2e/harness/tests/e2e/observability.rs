@@ -205,6 +205,55 @@ scrape_configs:
     Ok(Prometheus(child))
 }
 
+/// The chart's Grafana dashboard: (panel title, expression) for every
+/// target, with the `$job` variable at its default (`.*`).
+fn dashboard_queries() -> Result<Vec<(String, String)>> {
+    let path = nvdra_e2e::tools::repo_root().join("charts/nvdra/dashboards/nvdra.json");
+    let dashboard: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path)?)
+        .with_context(|| format!("parse {}", path.display()))?;
+    let mut out = Vec::new();
+    for panel in dashboard["panels"].as_array().into_iter().flatten() {
+        let title = panel["title"].as_str().unwrap_or_default().to_owned();
+        for target in panel["targets"].as_array().into_iter().flatten() {
+            let expr = target["expr"]
+                .as_str()
+                .with_context(|| format!("panel {title:?} has a target without expr"))?;
+            out.push((title.clone(), expr.replace("$job", ".*")));
+        }
+    }
+    ensure!(!out.is_empty(), "the dashboard has no queries");
+    Ok(out)
+}
+
+/// `promtool check rules` on every dashboard expression, each wrapped in a
+/// recording rule (promtool's way to parse PromQL).
+fn check_dashboard_syntax(dir: &Path, queries: &[(String, String)]) -> Result<()> {
+    let rules: Vec<serde_json::Value> = queries
+        .iter()
+        .enumerate()
+        .map(|(i, (_, expr))| serde_json::json!({ "record": format!("nvdra_dashboard:query_{i}"), "expr": expr }))
+        .collect();
+    let file = dir.join("dashboard-rules.json");
+    std::fs::write(
+        &file,
+        serde_json::to_vec(
+            &serde_json::json!({ "groups": [{ "name": "dashboard", "rules": rules }] }),
+        )?,
+    )?;
+    let out = Command::new("promtool")
+        .args(["check", "rules"])
+        .arg(&file)
+        .output()
+        .context("run promtool")?;
+    ensure!(
+        out.status.success(),
+        "promtool check rules on the dashboard's queries: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
 /// One instant query; the result vector.
 fn query(port: u16, promql: &str) -> Result<Vec<serde_json::Value>> {
     let encoded: String = promql
@@ -276,6 +325,24 @@ pub async fn prometheus_scrapes_every_component(env: Arc<Env>) -> Result<()> {
         if value != Some(expected as f64) {
             bail!("{promql}: want {expected}, Prometheus says {result:?}");
         }
+    }
+
+    // Every dashboard query parses and runs; the panels that always have
+    // data on a running cluster have it.
+    let queries = dashboard_queries()?;
+    check_dashboard_syntax(&env.cluster.dir.join("prometheus"), &queries)?;
+    let always = [
+        "Prepared devices by type",
+        "ResourceSlice publish failures in a row",
+        "ComputeDomains by status",
+        "Resident memory",
+    ];
+    for (title, expr) in &queries {
+        let result = query(port, expr).with_context(|| format!("panel {title:?}"))?;
+        ensure!(
+            !result.is_empty() || !always.contains(&title.as_str()),
+            "panel {title:?}: {expr} returned no series"
+        );
     }
 
     // Every alerting rule has been evaluated, cleanly, and none is firing.
