@@ -327,6 +327,29 @@ pub async fn prometheus_scrapes_every_component(env: Arc<Env>) -> Result<()> {
         }
     }
 
+    // What the chart's resource requests are sized from (docs/performance.md).
+    for job in ["nvdra-agent", "nvdra-controller"] {
+        let rss = query(
+            port,
+            &format!("max(process_resident_memory_bytes{{job=\"{job}\"}})"),
+        )?;
+        let cpu = query(
+            port,
+            &format!("max(process_cpu_seconds_total{{job=\"{job}\"}})"),
+        )?;
+        let value = |r: &[serde_json::Value]| {
+            r.first()
+                .and_then(|v| v["value"][1].as_str())
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(f64::NAN)
+        };
+        eprintln!(
+            "e2e: {job}: largest resident memory {:.1} MiB, most CPU used so far {:.2} s",
+            value(&rss) / 1048576.0,
+            value(&cpu)
+        );
+    }
+
     // Every dashboard query parses and runs; the panels that always have
     // data on a running cluster have it.
     let queries = dashboard_queries()?;
