@@ -298,6 +298,10 @@ dash="$(ok_render --set monitoring.grafanaDashboard.enabled=true --show-only tem
 expect_contains "dashboard ConfigMap carries the sidecar's label" '    grafana_dashboard: "1"' "$dash"
 expect_contains "dashboard ConfigMap embeds dashboards/nvdra.json" '      "uid": "nvdra-overview",' "$dash"
 expect_absent "no dashboard by default" "grafana-dashboard" "$default"
+expect_same "agent and controller request 10m CPU, 64Mi and cap memory at 512Mi, no CPU limit" 2 \
+	"$(grep -A6 '^          resources:$' <<<"$default" | grep -c 'memory: 512Mi')"
+expect_absent "no CPU limit anywhere" "limits:
+              cpu" "$default"
 expect_absent "no PrometheusRule by default (needs the Operator's CRDs)" "kind: PrometheusRule" "$default"
 rules="$(ok_render --set monitoring.prometheusRule.enabled=true --set-string monitoring.prometheusRule.labels.release=kube-prometheus \
 	--show-only templates/prometheusrule.yaml)"

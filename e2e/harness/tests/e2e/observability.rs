@@ -344,7 +344,8 @@ pub async fn prometheus_scrapes_every_component(env: Arc<Env>) -> Result<()> {
                 .unwrap_or(f64::NAN)
         };
         eprintln!(
-            "e2e: {job}: largest resident memory {:.1} MiB, most CPU used so far {:.2} s",
+            "e2e: {job}: largest resident memory {:.1} MiB, most CPU used so far {:.0} s \
+             (whole seconds, as the process collector counts)",
             value(&rss) / 1048576.0,
             value(&cpu)
         );
