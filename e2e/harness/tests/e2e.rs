@@ -15,6 +15,7 @@
 mod e2e {
     pub mod computedomain;
     pub mod env;
+    pub mod examples;
     pub mod observability;
     pub mod perf;
     pub mod privilege;
@@ -113,6 +114,11 @@ const SCENARIOS: &[(&str, Scenario, u64)] = &[
         "cd_bad_channel_claims",
         |e| Box::pin(e2e::computedomain::bad_channel_claims(e)),
         180,
+    ),
+    (
+        "documentation_examples",
+        |e| Box::pin(e2e::examples::documentation_examples(e)),
+        300,
     ),
     (
         "agent_confined_to_its_node",

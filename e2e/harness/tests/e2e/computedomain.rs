@@ -70,7 +70,7 @@ async fn wait_domain_ready(env: &Env, ns: &str, name: &str, nodes: usize) -> Res
 }
 
 /// The device nodes the emulator recorded for a pod's containers.
-fn device_nodes(env: &Env, pod: &Pod) -> Result<Vec<String>> {
+pub fn device_nodes(env: &Env, pod: &Pod) -> Result<Vec<String>> {
     let uid = pod.metadata.uid.clone().unwrap_or_default();
     let path = env
         .cluster
