@@ -5,8 +5,9 @@
 //!   questions from memory, so a burst of channel claims costs the API server no requests
 //!   per claim: a cluster-wide metadata-only watch of ComputeDomains (UIDs are not a field
 //!   selector for custom resources) and a watch of the ComputeDomainCliques of this node's
-//!   NVLink clique (label `resource.nvidia.com/computeDomain.cliqueID`) in the driver namespace. A node with four pods per domain used to poll a clique LIST twice a second per
-//!   claim; on 64 nodes that was 500 LISTs a second on the API server.
+//!   NVLink clique (label `resource.nvidia.com/computeDomain.cliqueID`) in the driver
+//!   namespace. A node with four pods per domain used to poll a clique LIST twice a second
+//!   per claim; on 64 nodes that was 500 LISTs a second on the API server.
 //! - The watches are only a fast path. A UID missing from the domain watch is looked up with a
 //!   cluster-wide LIST (the watch may lag a domain created a moment ago), and a readiness wait
 //!   that reaches its deadline asks the API once more with a LIST, so a broken watch (RBAC,
@@ -107,7 +108,7 @@ pub struct Cluster {
 }
 
 /// A watch's cache, a counter bumped on every event it delivers (so waiters wake), and the
-/// text of its last error (for the message of a wait that timed out).
+/// text of its last error (logged when a wait's final LIST fails too).
 struct Watched<K: Resource<DynamicType = ()> + 'static> {
     store: Store<K>,
     changed: watch::Receiver<u64>,
