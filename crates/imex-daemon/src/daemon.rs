@@ -292,8 +292,8 @@ impl View {
     /// reach a daemon after its own apply's response when peers wrote in between; acting on
     /// such a view, which lacks our latest row, re-applied rows and moved indices for
     /// nothing (about ten applies per daemon in a 64-node burst, on an object every daemon
-    /// of the clique writes). Versions are compared as etcd's revisions, which Kubernetes
-    /// 1.34+ documents as comparable; one that is not a number is never called stale.
+    /// of the clique writes). Versions are compared as the increasing etcd revisions an
+    /// etcd-backed API server hands out; one that is not a number is never called stale.
     pub fn older_than(&self, seen: Option<u64>) -> bool {
         matches!((self.version, seen), (Some(v), Some(s)) if v < s)
     }
