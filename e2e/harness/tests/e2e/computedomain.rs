@@ -437,20 +437,7 @@ pub async fn faults(env: Arc<Env>) -> Result<()> {
     // A daemon pod goes away: the DaemonSet replaces it and it rejoins.
     let daemon = nvdra_api::names::objects::daemon_name(&uid);
     let pods: Api<Pod> = Api::namespaced(env.client.clone(), NAMESPACE);
-    let victim = pods
-        .list(&ListParams::default())
-        .await?
-        .items
-        .into_iter()
-        .find(|p| {
-            node_of(p) == FABRIC_NODES[1]
-                && p.metadata
-                    .owner_references
-                    .iter()
-                    .flatten()
-                    .any(|o| o.name == daemon)
-        })
-        .context("no daemon pod on gb200-1")?;
+    let victim = daemon_pod_on(&pods, &daemon, FABRIC_NODES[1]).await?;
     let victim_name = victim.metadata.name.clone().unwrap_or_default();
     pods.delete(&victim_name, &DeleteParams::default()).await?;
     // A new daemon pod on that node, Ready: the old status must not count.
@@ -481,20 +468,7 @@ pub async fn faults(env: Arc<Env>) -> Result<()> {
 
     // nvidia-imex dies under a running daemon: the daemon restarts it and
     // says so in a Warning Event on its pod.
-    let target = pods
-        .list(&ListParams::default())
-        .await?
-        .items
-        .into_iter()
-        .find(|p| {
-            node_of(p) == FABRIC_NODES[2]
-                && p.metadata
-                    .owner_references
-                    .iter()
-                    .flatten()
-                    .any(|o| o.name == daemon)
-        })
-        .context("no daemon pod on gb200-2")?;
+    let target = daemon_pod_on(&pods, &daemon, FABRIC_NODES[2]).await?;
     let target_name = target.metadata.name.clone().unwrap_or_default();
     let target_uid = target.metadata.uid.clone().unwrap_or_default();
     let imex_pid = imex_process(&target_uid).context("no nvidia-imex process of that daemon")?;
@@ -610,4 +584,21 @@ fn imex_process(pod_uid: &str) -> Option<u32> {
             let program = String::from_utf8_lossy(program);
             (program.contains(pod_uid) && program.ends_with("/usr/bin/nvidia-imex")).then_some(pid)
         })
+}
+
+/// The pod of DaemonSet `daemon` on `node`.
+async fn daemon_pod_on(pods: &Api<Pod>, daemon: &str, node: &str) -> Result<Pod> {
+    pods.list(&ListParams::default())
+        .await?
+        .items
+        .into_iter()
+        .find(|p| {
+            node_of(p) == node
+                && p.metadata
+                    .owner_references
+                    .iter()
+                    .flatten()
+                    .any(|o| o.name == daemon)
+        })
+        .with_context(|| format!("no pod of {daemon} on {node}"))
 }
