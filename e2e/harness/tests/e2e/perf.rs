@@ -189,12 +189,13 @@ spec:
 
 /// Sum of the API server's `apiserver_request_total` for
 /// `computedomaincliques` answered 409 (Conflict).
-fn clique_conflicts(env: &Env) -> Result<u64> {
-    Ok(api_requests(env)?
+/// The 409 answers on cliques in an [`api_requests`] reading.
+fn clique_conflicts(requests: &std::collections::BTreeMap<String, u64>) -> u64 {
+    requests
         .iter()
         .filter(|(key, _)| key.starts_with("computedomaincliques ") && key.ends_with(" 409"))
         .map(|(_, n)| n)
-        .sum())
+        .sum()
 }
 
 /// The API server's `apiserver_request_total`, summed per
@@ -267,8 +268,8 @@ pub async fn compute_domain_scale(env: Arc<Env>) -> Result<()> {
         .map(|n| n.name.clone())
         .collect();
     let ns = env.namespace("e2e-scale").await?;
-    let conflicts_before = clique_conflicts(&env)?;
     let requests_before = api_requests(&env)?;
+    let conflicts_before = clique_conflicts(&requests_before);
     let started = Instant::now();
     env.apply(&format!(
         "apiVersion: resource.nvidia.com/v1beta1
@@ -323,7 +324,7 @@ spec:
     .await?;
     let running = started.elapsed();
     // Saturating: counters restart at 0 if the API server restarted meanwhile.
-    let conflicts = clique_conflicts(&env)?.saturating_sub(conflicts_before);
+    let conflicts = clique_conflicts(&api_requests(&env)?).saturating_sub(conflicts_before);
     let report = serde_json::json!({
         "nodes": want,
         "pods": pods.len(),
