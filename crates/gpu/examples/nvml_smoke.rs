@@ -9,19 +9,24 @@
 //! Opens the NVML backend (or a fake profile: a file, or the name of a
 //! built-in profile) and prints every GPU with its MIG devices, MIG profile
 //! table, fabric facts, device nodes, and the device names, attributes and
-//! capacities the agent would publish. It never changes any GPU setting.
+//! capacities the agent would publish; then the IMEX facts and the
+//! [`nvdra_gpu::conformance`] findings: contract violations, and differences
+//! from the fake model of each GPU's product. `--json FILE` also writes the
+//! inventory as JSON (the record `docs/hardware-runs.md` keeps). It never
+//! changes any GPU setting. Exits non-zero when a contract check fails.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use anyhow::{Context, bail};
 use nvdra_gpu::attributes::{self, AttributeValue, Attributes, Capacities};
 use nvdra_gpu::{
-    FakeBackend, GpuBackend, GpuInventory, Inventory, NvmlBackend, NvmlOptions, gpu_device_name,
+    FakeBackend, GpuBackend, GpuInventory, Inventory, NvmlBackend, NvmlOptions, conformance,
+    gpu_device_name,
 };
 
-const USAGE: &str =
-    "usage: nvml_smoke [--driver-root <dir>] | --fake <profile file or built-in name>";
+const USAGE: &str = "usage: nvml_smoke [--driver-root <dir> | --fake <profile file or built-in name>] [--json <file>]";
 
 fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -35,7 +40,8 @@ enum Source {
     Fake(String),
 }
 
-fn parse_args(args: &[String]) -> anyhow::Result<Source> {
+fn parse_args(args: &[String]) -> anyhow::Result<(Source, Option<PathBuf>)> {
+    let mut json = None;
     let mut source = Source::Nvml {
         driver_root: PathBuf::from("/"),
     };
@@ -52,11 +58,12 @@ fn parse_args(args: &[String]) -> anyhow::Result<Source> {
                 }
             }
             "--fake" => source = Source::Fake(value()?.clone()),
+            "--json" => json = Some(PathBuf::from(value()?)),
             "-h" | "--help" => bail!("{USAGE}"),
             other => bail!("unknown argument {other:?}\n{USAGE}"),
         }
     }
-    Ok(source)
+    Ok((source, json))
 }
 
 fn open(source: Source) -> anyhow::Result<Box<dyn GpuBackend>> {
@@ -79,9 +86,67 @@ fn open(source: Source) -> anyhow::Result<Box<dyn GpuBackend>> {
 }
 
 fn run(args: &[String], out: &mut impl Write) -> anyhow::Result<()> {
-    let backend = open(parse_args(args)?)?;
+    let (source, json) = parse_args(args)?;
+    let started = Instant::now();
+    let backend = open(source)?;
+    let opened = started.elapsed();
     let inventory = backend.inventory().context("reading the GPU inventory")?;
-    report(backend.as_ref(), &inventory, out)
+    let read = started.elapsed() - opened;
+    writeln!(
+        out,
+        "timing open {} ms, inventory {} ms",
+        opened.as_millis(),
+        read.as_millis()
+    )?;
+    report(backend.as_ref(), &inventory, out)?;
+    let imex = backend.imex().context("reading IMEX facts")?;
+    writeln!(out)?;
+    writeln!(
+        out,
+        "imex channels {} channels major {} caps major {} fabric-mgmt minor {}",
+        imex.channel_count,
+        show(imex.channels_major),
+        show(imex.caps_major),
+        show(imex.fabric_mgmt_minor),
+    )?;
+    if let Some(path) = json {
+        let record = serde_json::json!({ "inventory": inventory, "imex": imex });
+        std::fs::write(&path, serde_json::to_vec_pretty(&record)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    conformance_report(&inventory, out)
+}
+
+fn show(value: Option<u32>) -> String {
+    value.map_or("none".into(), |v| v.to_string())
+}
+
+/// Prints the contract findings and model differences; fails on the former.
+fn conformance_report(inv: &Inventory, out: &mut impl Write) -> anyhow::Result<()> {
+    for gpu in &inv.gpus {
+        let who = format!("index {} {}", gpu.info.index, gpu.info.product_name);
+        match conformance::compare_with_model(gpu) {
+            None => writeln!(out, "model {who}: no fake model for this product")?,
+            Some((model, diffs)) if diffs.is_empty() => {
+                writeln!(out, "model {who}: matches {model:?}")?;
+            }
+            Some((model, diffs)) => {
+                writeln!(out, "model {who}: differs from {model:?}")?;
+                for d in diffs {
+                    writeln!(out, "  {d}")?;
+                }
+            }
+        }
+    }
+    let findings = conformance::check_inventory(inv);
+    if findings.is_empty() {
+        writeln!(out, "contract ok")?;
+        return Ok(());
+    }
+    for f in &findings {
+        writeln!(out, "contract violated: {f}")?;
+    }
+    bail!("{} contract violation(s)", findings.len())
 }
 
 fn report(backend: &dyn GpuBackend, inv: &Inventory, out: &mut impl Write) -> anyhow::Result<()> {
@@ -298,6 +363,27 @@ mod tests {
         }
         // MIG-enabled GPUs are not published whole.
         assert!(!text.contains("  publish gpu-4\n"), "{text}");
+    }
+
+    #[test]
+    fn reports_conformance_and_writes_json() {
+        let dir = tempfile::tempdir().unwrap();
+        let json = dir.path().join("inventory.json");
+        let text = render(&["--fake", "gb200-x4", "--json", json.to_str().unwrap()]).unwrap();
+        for needle in [
+            "\nimex channels 2048 channels major 507",
+            "\nmodel index 0 NVIDIA GB200: matches Gb200\n",
+            "\ncontract ok\n",
+        ] {
+            assert!(text.contains(needle), "missing {needle:?}:\n{text}");
+        }
+        let record: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+        assert_eq!(record["inventory"]["gpus"].as_array().unwrap().len(), 4);
+        assert_eq!(record["imex"]["channel_count"], 2048);
+        // The record reads back as the same inventory.
+        let inv: Inventory = serde_json::from_value(record["inventory"].clone()).unwrap();
+        assert!(conformance::check_inventory(&inv).is_empty());
     }
 
     #[test]

@@ -8,6 +8,9 @@
 //!   confining every NVML call to one worker thread under a timeout.
 //! - [`FakeBackend`] answers it deterministically from a profile YAML, for
 //!   tests and for running the agent without GPUs.
+//! - [`conformance`] checks any backend's answers against the contract and
+//!   against the fake model of the same product (read-only, so it also runs
+//!   on real GPUs).
 //! - [`naming`] and [`attributes`] produce the device names and attribute
 //!   values upstream publishes, so the agent stays a drop-in replacement.
 //!
@@ -16,6 +19,7 @@
 
 pub mod attributes;
 pub mod backend;
+pub mod conformance;
 pub mod device;
 pub mod driver_root;
 pub mod error;

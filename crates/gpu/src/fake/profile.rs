@@ -549,7 +549,7 @@ mod tests {
             (
                 |p| p.gpus[1].mig_devices[0].gi_profile_id = 3,
                 "gpus[1].mig_devices[0].gi_profile_id: 3 is not a MIG profile of NVIDIA A100-SXM4-40GB \
-                 (known: 19=1g.5gb, 20=1g.5gb+me, 15=1g.10gb, 14=2g.10gb, 9=3g.20gb, 5=4g.20gb, 0=7g.40gb)",
+                 (known: 19=1g.5gb, 14=2g.10gb, 9=3g.20gb, 5=4g.20gb, 0=7g.40gb, 20=1g.5gb+me, 15=1g.10gb)",
             ),
             (
                 |p| p.gpus[1].mig_devices[0].placement_start = 2,

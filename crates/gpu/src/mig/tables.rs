@@ -92,49 +92,53 @@ use Shape::*;
 #[rustfmt::skip]
 const A100_SXM4_40GB: &[Row] = &[
     ("1g.5gb",     19, 1, 7, 14, 1, 0, 0, 0, 0,  4864, OneSlice),
-    ("1g.5gb+me",  20, 1, 1, 14, 1, 1, 0, 1, 1,  4864, OneSlice),
-    ("1g.10gb",    15, 1, 4, 14, 1, 1, 0, 0, 0,  9856, OneSliceDoubleMemory),
     ("2g.10gb",    14, 2, 3, 28, 2, 1, 0, 0, 0,  9856, TwoSlices),
     ("3g.20gb",     9, 3, 2, 42, 3, 2, 0, 0, 0, 19968, ThreeSlices),
     ("4g.20gb",     5, 4, 1, 56, 4, 2, 0, 0, 0, 19968, FourSlices),
     ("7g.40gb",     0, 7, 1, 98, 7, 5, 0, 1, 1, 40192, Full),
+    ("1g.5gb+me",  20, 1, 1, 14, 1, 1, 0, 1, 1,  4864, OneSlice),
+    ("1g.10gb",    15, 1, 4, 14, 1, 1, 0, 0, 0,  9856, OneSliceDoubleMemory),
 ];
 
 #[rustfmt::skip]
 const H100_SXM5_80GB: &[Row] = &[
     ("1g.10gb",    19, 1, 7,  16, 1, 1, 0, 1, 0,  9984, OneSlice),
-    ("1g.10gb+me", 20, 1, 1,  16, 1, 1, 0, 1, 1,  9984, OneSlice),
-    ("1g.20gb",    15, 1, 4,  26, 1, 1, 0, 1, 0, 20096, OneSliceDoubleMemory),
     ("2g.20gb",    14, 2, 3,  32, 2, 2, 0, 2, 0, 20096, TwoSlices),
     ("3g.40gb",     9, 3, 2,  60, 3, 3, 0, 3, 0, 40448, ThreeSlices),
     ("4g.40gb",     5, 4, 1,  64, 4, 4, 0, 4, 0, 40448, FourSlices),
     ("7g.80gb",     0, 7, 1, 132, 8, 7, 0, 7, 1, 81152, Full),
+    ("1g.10gb+me", 20, 1, 1,  16, 1, 1, 0, 1, 1,  9984, OneSlice),
+    ("1g.20gb",    15, 1, 4,  26, 1, 1, 0, 1, 0, 20096, OneSliceDoubleMemory),
 ];
 
 #[rustfmt::skip]
 const H200_141GB: &[Row] = &[
     ("1g.18gb",    19, 1, 7,  16, 1, 1, 0, 1, 0,  16384, OneSlice),
-    ("1g.18gb+me", 20, 1, 1,  16, 1, 1, 0, 1, 1,  16384, OneSlice),
-    ("1g.35gb",    15, 1, 4,  26, 1, 1, 0, 1, 0,  33280, OneSliceDoubleMemory),
     ("2g.35gb",    14, 2, 3,  32, 2, 2, 0, 2, 0,  33280, TwoSlices),
     ("3g.71gb",     9, 3, 2,  60, 3, 3, 0, 3, 0,  68096, ThreeSlices),
     ("4g.71gb",     5, 4, 1,  64, 4, 4, 0, 4, 0,  68096, FourSlices),
     ("7g.141gb",    0, 7, 1, 132, 8, 7, 0, 7, 1, 139008, Full),
+    ("1g.18gb+me", 20, 1, 1,  16, 1, 1, 0, 1, 1,  16384, OneSlice),
+    ("1g.35gb",    15, 1, 4,  26, 1, 1, 0, 1, 0,  33280, OneSliceDoubleMemory),
 ];
 
 #[rustfmt::skip]
 const GB200: &[Row] = &[
     ("1g.23gb",    19, 1, 7,  18, 1, 1, 0, 1, 0,  22784, OneSlice),
-    ("1g.23gb+me", 20, 1, 1,  18, 1, 1, 0, 1, 1,  22784, OneSlice),
-    ("1g.47gb",    15, 1, 4,  18, 1, 1, 0, 1, 0,  45824, OneSliceDoubleMemory),
     ("2g.47gb",    14, 2, 3,  36, 2, 2, 0, 2, 0,  45824, TwoSlices),
     ("3g.93gb",     9, 3, 2,  66, 3, 3, 0, 3, 0,  91904, ThreeSlices),
     ("4g.93gb",     5, 4, 1,  72, 4, 4, 0, 4, 0,  91904, FourSlices),
     ("7g.186gb",    0, 7, 1, 148, 8, 7, 0, 7, 1, 184832, Full),
+    ("1g.23gb+me", 20, 1, 1,  18, 1, 1, 0, 1, 1,  22784, OneSlice),
+    ("1g.47gb",    15, 1, 4,  18, 1, 1, 0, 1, 0,  45824, OneSliceDoubleMemory),
 ];
 
 impl MigTable {
-    /// The table's profiles, ordered as `nvidia-smi mig -lgip` lists them.
+    /// The table's profiles in the order NVML enumerates them (by NVML's
+    /// profile index: 1g, 2g, 3g, 4g, 7g, then the `+me` and
+    /// double-memory 1g variants), which is the order the NVML backend
+    /// returns on real hardware (seen on an H100, docs/hardware-runs.md),
+    /// not the order `nvidia-smi mig -lgip` prints.
     pub fn profiles(self) -> Vec<MigProfile> {
         let rows = match self {
             Self::A100Sxm4_40gb => A100_SXM4_40GB,
