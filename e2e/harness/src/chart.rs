@@ -1,14 +1,18 @@
-//! Installing `charts/nvdra` into a local cluster the way the simulated
-//! nodes need it.
+//! Installing `charts/nvdra` into a local cluster as a user does: `helm
+//! install`.
 //!
-//! The chart is rendered by helm itself (`helm template`), so a template
-//! error, a failed guard or an object the API server rejects fails here as it
-//! would for a user. Everything it renders is applied except its workloads:
-//! the agent DaemonSet's pods would need a container runtime, so each
-//! simulated node runs the agent as a local process instead, with the
-//! DaemonSet's service account as its identity. That identity is read from
-//! the rendered DaemonSet, so a permission the chart forgets fails the e2e
-//! suite with a 403 instead of passing on an admin credential.
+//! Helm renders the chart against the live API server (its version, its
+//! capabilities), applies every object server-side and records the release,
+//! so a template error, a failed guard or an object the API server rejects
+//! fails here as it would for a user. The workloads it creates cannot run as
+//! pods here: the agent needs the node's kubelet directories and the
+//! controller a container, neither of which the kubelet emulator provides.
+//! `e2e/harness/local-cluster-values.yaml` therefore gives both a node
+//! selector no node carries, and each simulated node runs the agent (the
+//! harness the controller) as a local process with the identity the chart's
+//! workload would have. That identity is read from the installed manifest,
+//! so a permission the chart forgets fails the e2e suite with a 403 instead
+//! of passing on an admin credential.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -19,14 +23,12 @@ use serde_json::Value;
 use crate::controlplane::ControlPlane;
 use crate::tools::repo_root;
 
-/// Workload kinds a local cluster runs as processes instead of pods.
-const WORKLOAD_KINDS: &[&str] = &["DaemonSet", "Deployment"];
+/// The values file every local cluster installs the chart with.
+pub const LOCAL_CLUSTER_VALUES: &str = "e2e/harness/local-cluster-values.yaml";
 
-/// The parts of a rendered chart a local cluster uses.
+/// What a local cluster needs to know of the installed chart.
 #[derive(Debug, Clone)]
 pub struct Rendered {
-    /// Objects to apply (CRDs first, then everything else but workloads).
-    pub objects: Vec<Value>,
     /// Namespace and name of the service account the agent DaemonSet runs as.
     pub agent_service_account: (String, String),
     /// The image of the chart's containers (`repository:tag`): pods using
@@ -37,105 +39,37 @@ pub struct Rendered {
     pub controller_service_account: Option<(String, String)>,
 }
 
-/// Renders the chart as release `release` in `namespace` with `--set`
-/// values, for an API server of `kube_version` (as `helm install` would
-/// see it).
-pub fn render(
+/// `helm install`s the chart as release `release` into `namespace` (created
+/// if missing) with the local cluster's values and the `--set` values,
+/// waits for its CRDs, and returns what the release installed.
+pub fn install(
+    cp: &ControlPlane,
     helm: &Path,
     release: &str,
     namespace: &str,
-    kube_version: &str,
     sets: &[&str],
 ) -> Result<Rendered> {
-    let chart = repo_root().join("charts/nvdra");
-    let mut cmd = Command::new(helm);
-    cmd.args(["template", release])
+    let root = repo_root();
+    let chart = root.join("charts/nvdra");
+    let mut install = Command::new(helm);
+    install
+        .args(["install", release])
         .arg(&chart)
-        .args(["--namespace", namespace, "--include-crds"])
-        .args(["--kube-version", kube_version]);
+        .args(["--namespace", namespace, "--create-namespace"])
+        .arg("--kubeconfig")
+        .arg(cp.admin_kubeconfig())
+        .arg("--values")
+        .arg(root.join(LOCAL_CLUSTER_VALUES));
     for set in sets {
-        cmd.args(["--set", set]);
+        install.args(["--set", set]);
     }
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .context("run helm template")?;
-    if !out.status.success() {
-        bail!(
-            "helm template {} failed: {}",
-            chart.display(),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    let text = String::from_utf8(out.stdout).context("helm printed non-UTF-8 output")?;
-    parse(&text, namespace)
-}
-
-/// Splits helm's output into objects and finds the agent's identity.
-pub fn parse(text: &str, namespace: &str) -> Result<Rendered> {
-    let docs: Vec<Option<Value>> =
-        serde_saphyr::from_str_multiple(text).context("parse helm's output as YAML")?;
-    let mut crds = Vec::new();
-    let mut objects = Vec::new();
-    let mut agent_service_account = None;
-    let mut image = None;
-    let mut controller_service_account = None;
-    for doc in docs.into_iter().flatten() {
-        if doc.is_null() {
-            continue;
-        }
-        let kind = doc["kind"].as_str().unwrap_or_default().to_owned();
-        if kind == "DaemonSet" {
-            let spec = &doc["spec"]["template"]["spec"];
-            let sa = spec["serviceAccountName"]
-                .as_str()
-                .context("the chart's DaemonSet names no serviceAccountName")?;
-            let ns = doc["metadata"]["namespace"].as_str().unwrap_or(namespace);
-            agent_service_account = Some((ns.to_owned(), sa.to_owned()));
-            image = spec["containers"][0]["image"].as_str().map(str::to_owned);
-        }
-        if kind == "Deployment" {
-            let spec = &doc["spec"]["template"]["spec"];
-            if spec["containers"][0]["command"][0] == "nvdra-controller" {
-                let sa = spec["serviceAccountName"]
-                    .as_str()
-                    .context("the chart's controller Deployment names no serviceAccountName")?;
-                let ns = doc["metadata"]["namespace"].as_str().unwrap_or(namespace);
-                controller_service_account = Some((ns.to_owned(), sa.to_owned()));
-            }
-        }
-        if kind == "CustomResourceDefinition" {
-            crds.push(doc);
-        } else if !WORKLOAD_KINDS.contains(&kind.as_str()) {
-            objects.push(doc);
-        }
-    }
-    crds.extend(objects);
-    Ok(Rendered {
-        objects: crds,
-        agent_service_account: agent_service_account
-            .context("the chart rendered no agent DaemonSet")?,
-        image: image.context("the chart's DaemonSet has no container image")?,
-        controller_service_account,
-    })
-}
-
-/// Applies the rendered objects (server-side, as the chart's field manager)
-/// and waits for the CRDs to be established.
-pub fn apply(cp: &ControlPlane, rendered: &Rendered, namespace: &str) -> Result<()> {
-    let ns = serde_json::json!({
-        "apiVersion": "v1", "kind": "Namespace", "metadata": { "name": namespace },
-    });
-    let list = serde_json::json!({
-        "apiVersion": "v1",
-        "kind": "List",
-        "items": std::iter::once(ns).chain(rendered.objects.iter().cloned()).collect::<Vec<_>>(),
-    });
-    cp.kubectl(
-        &["apply", "--server-side", "--field-manager=helm", "-f", "-"],
-        Some(&list.to_string()),
-    )
-    .context("apply the rendered chart")?;
+    run(&mut install, "helm install")?;
+    let mut manifest = Command::new(helm);
+    manifest
+        .args(["get", "manifest", release, "--namespace", namespace])
+        .arg("--kubeconfig")
+        .arg(cp.admin_kubeconfig());
+    let text = run(&mut manifest, "helm get manifest")?;
     cp.kubectl(
         &[
             "wait",
@@ -147,7 +81,55 @@ pub fn apply(cp: &ControlPlane, rendered: &Rendered, namespace: &str) -> Result<
         None,
     )
     .context("wait for the chart's CRDs")?;
-    Ok(())
+    parse(&text, namespace)
+}
+
+/// Runs a helm command; its stdout, or an error with its stderr.
+fn run(cmd: &mut Command, what: &str) -> Result<String> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .with_context(|| format!("run {what}"))?;
+    if !out.status.success() {
+        bail!(
+            "{what} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    String::from_utf8(out.stdout).with_context(|| format!("{what} printed non-UTF-8 output"))
+}
+
+/// Finds the workloads' identities and image in a chart's manifest.
+pub fn parse(text: &str, namespace: &str) -> Result<Rendered> {
+    let docs: Vec<Option<Value>> =
+        serde_saphyr::from_str_multiple(text).context("parse helm's output as YAML")?;
+    let mut agent_service_account = None;
+    let mut image = None;
+    let mut controller_service_account = None;
+    for doc in docs.into_iter().flatten() {
+        let kind = doc["kind"].as_str().unwrap_or_default();
+        let spec = &doc["spec"]["template"]["spec"];
+        let ns = doc["metadata"]["namespace"].as_str().unwrap_or(namespace);
+        if kind == "DaemonSet" {
+            let sa = spec["serviceAccountName"]
+                .as_str()
+                .context("the chart's DaemonSet names no serviceAccountName")?;
+            agent_service_account = Some((ns.to_owned(), sa.to_owned()));
+            image = spec["containers"][0]["image"].as_str().map(str::to_owned);
+        }
+        if kind == "Deployment" && spec["containers"][0]["command"][0] == "nvdra-controller" {
+            let sa = spec["serviceAccountName"]
+                .as_str()
+                .context("the chart's controller Deployment names no serviceAccountName")?;
+            controller_service_account = Some((ns.to_owned(), sa.to_owned()));
+        }
+    }
+    Ok(Rendered {
+        agent_service_account: agent_service_account
+            .context("the chart rendered no agent DaemonSet")?,
+        image: image.context("the chart's DaemonSet has no container image")?,
+        controller_service_account,
+    })
 }
 
 /// Writes a kubeconfig for `namespace/service_account` (a bound token from
@@ -275,7 +257,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn parse_keeps_crds_first_drops_workloads_and_finds_the_agent_identity() {
+    fn parse_finds_the_workloads_identities_and_image() {
         let text = "\
 ---
 # Source: nvdra/templates/sa.yaml
@@ -294,18 +276,23 @@ spec:
       - name: gpus
         image: ghcr.io/nvdra/nvdra:v0.1.0
 ---
-apiVersion: apiextensions.k8s.io/v1
-kind: CustomResourceDefinition
-metadata: { name: computedomains.resource.nvidia.com }
+apiVersion: apps/v1
+kind: Deployment
+metadata: { name: controller }
+spec:
+  template:
+    spec:
+      serviceAccountName: sa-controller
+      containers:
+      - name: compute-domain
+        command: [nvdra-controller]
 ---
 ";
         let rendered = parse(text, "other").unwrap();
-        let kinds: Vec<_> = rendered
-            .objects
-            .iter()
-            .map(|o| o["kind"].as_str().unwrap())
-            .collect();
-        assert_eq!(kinds, ["CustomResourceDefinition", "ServiceAccount"]);
+        assert_eq!(
+            rendered.controller_service_account,
+            Some(("other".to_owned(), "sa-controller".to_owned()))
+        );
         assert_eq!(
             rendered.agent_service_account,
             ("nvdra".to_owned(), "sa-kubeletplugin".to_owned())

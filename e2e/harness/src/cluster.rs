@@ -140,23 +140,8 @@ impl Cluster {
 
     async fn start_rest(mut self) -> Result<Self> {
         let client = self.cp.admin_client().await?;
-        let version = client
-            .apiserver_version()
-            .await
-            .context("read the API server's version")?;
-        // No classic device plugin runs here, so the chart's guard against
-        // two owners of nvidia.com/gpu does not apply.
-        let sets: Vec<&str> = std::iter::once("gpuResourcesEnabledOverride=true")
-            .chain(self.spec.chart_sets.iter().map(String::as_str))
-            .collect();
-        let rendered = chart::render(
-            &self.tools.helm,
-            RELEASE,
-            NAMESPACE,
-            &version.git_version,
-            &sets,
-        )?;
-        chart::apply(&self.cp, &rendered, NAMESPACE)?;
+        let sets: Vec<&str> = self.spec.chart_sets.iter().map(String::as_str).collect();
+        let rendered = chart::install(&self.cp, &self.tools.helm, RELEASE, NAMESPACE, &sets)?;
         self.image = rendered.image.clone();
         let identities = self.dir.join("identities");
         std::fs::create_dir_all(&identities)?;

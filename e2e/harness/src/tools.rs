@@ -1,8 +1,9 @@
 //! The programs a local cluster is made of, and where they come from.
 //!
-//! Go tools (the control plane, helm) are built by their `build.sh` scripts,
-//! which cache them and print their paths; this module runs those scripts
-//! (an up-to-date build returns at once) unless a flag names the binary.
+//! The control plane is built by `e2e/controlplane/build.sh` and helm
+//! fetched by `e2e/helm/fetch.sh`; both cache the binary and print its path,
+//! and this module runs them (an up-to-date cache returns at once) unless a
+//! flag names the binary.
 //! This workspace's binaries (`nvdra-agent`, `nvdra-kubelet-emulator`,
 //! `nvdra-controller`, ...) are taken from the cargo target directory this
 //! harness runs from; a missing one is an error that says how to build it,
@@ -20,7 +21,7 @@ pub struct ToolPaths {
     /// nvdra-controlplane binary (default: built by e2e/controlplane/build.sh).
     #[arg(long, env = "NVDRA_CP_BIN")]
     pub controlplane_bin: Option<PathBuf>,
-    /// helm binary (default: built by e2e/helm/build.sh).
+    /// helm binary (default: fetched by e2e/helm/fetch.sh).
     #[arg(long, env = "NVDRA_HELM_BIN")]
     pub helm_bin: Option<PathBuf>,
     /// Directory holding this workspace's binaries (nvdra-agent,
@@ -36,7 +37,7 @@ pub struct Tools {
     /// `nvdra-controlplane`: etcd, kube-apiserver, scheduler,
     /// controller-manager, kubectl and the process supervisor.
     pub controlplane: PathBuf,
-    /// helm v3, to render `charts/nvdra` as a user's install would.
+    /// helm v4, to install `charts/nvdra` as a user does.
     pub helm: PathBuf,
     /// The directory of this workspace's binaries; pods of our image run
     /// programs from here.
@@ -44,7 +45,8 @@ pub struct Tools {
 }
 
 impl Tools {
-    /// Finds (and for the Go tools, builds when stale) every program.
+    /// Finds (and for the cached tools, builds or fetches when stale) every
+    /// program.
     pub fn locate(paths: &ToolPaths) -> Result<Self> {
         let root = repo_root();
         let bin_dir = match &paths.bin_dir {
@@ -52,11 +54,11 @@ impl Tools {
             None => target_dir()?,
         };
         let tools = Self {
-            controlplane: go_tool(
+            controlplane: cached_tool(
                 paths.controlplane_bin.as_deref(),
                 &root.join("e2e/controlplane/build.sh"),
             )?,
-            helm: go_tool(paths.helm_bin.as_deref(), &root.join("e2e/helm/build.sh"))?,
+            helm: cached_tool(paths.helm_bin.as_deref(), &root.join("e2e/helm/fetch.sh"))?,
             bin_dir,
         };
         // The two every cluster needs, checked up front.
@@ -90,7 +92,7 @@ pub fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
-fn go_tool(given: Option<&Path>, script: &Path) -> Result<PathBuf> {
+fn cached_tool(given: Option<&Path>, script: &Path) -> Result<PathBuf> {
     if let Some(path) = given {
         return existing(path.to_owned(), "its flag");
     }

@@ -4,12 +4,15 @@
 //!
 //! The agent's writes go through a real agent identity (its node-bound
 //! token); the daemon's through the admin impersonating the daemon's
-//! ServiceAccount with the user extras a pod-bound token carries.
+//! ServiceAccount with the user extras a pod-bound token carries. First it
+//! checks that identity is the one the `helm install`ed release gives the
+//! agent's DaemonSet.
 
 use std::sync::Arc;
 
 use anyhow::{Context, Result, bail, ensure};
-use nvdra_e2e::cluster::NAMESPACE;
+use nvdra_e2e::cluster::{NAMESPACE, RELEASE};
+use serde_json::Value;
 
 use super::env::Env;
 
@@ -74,11 +77,69 @@ spec:
     )
 }
 
+/// The chart is installed as a Helm release, and the agent runs as the
+/// ServiceAccount the release's DaemonSet names.
+fn agent_runs_as_the_release_says(env: &Env, node: &str) -> Result<()> {
+    let admin = env.cluster.cp.admin_kubeconfig();
+    let out = std::process::Command::new(&env.cluster.tools.helm)
+        .args(["status", RELEASE, "--namespace", NAMESPACE, "-o", "json"])
+        .arg("--kubeconfig")
+        .arg(&admin)
+        .output()
+        .context("run helm status")?;
+    ensure!(
+        out.status.success(),
+        "helm status: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status: Value = serde_json::from_slice(&out.stdout)?;
+    ensure!(
+        status["info"]["status"] == "deployed",
+        "release {RELEASE} is {}, want deployed",
+        status["info"]["status"]
+    );
+    // The chart names the DaemonSet `<chart name>-kubelet-plugin`.
+    let ds: Value = serde_json::from_str(&env.cluster.cp.kubectl(
+        &[
+            "get",
+            "daemonset",
+            "nvdra-kubelet-plugin",
+            "-n",
+            NAMESPACE,
+            "-o",
+            "json",
+        ],
+        None,
+    )?)?;
+    ensure!(
+        ds["metadata"]["annotations"]["meta.helm.sh/release-name"] == RELEASE,
+        "the kubelet-plugin DaemonSet is not the release's: {}",
+        ds["metadata"]
+    );
+    let sa = ds["spec"]["template"]["spec"]["serviceAccountName"]
+        .as_str()
+        .context("the release's DaemonSet names no ServiceAccount")?;
+    let whoami: Value = serde_json::from_str(&as_agent(
+        env,
+        node,
+        &["auth", "whoami", "-o", "json"],
+        None,
+    )?)?;
+    let want = format!("system:serviceaccount:{NAMESPACE}:{sa}");
+    ensure!(
+        whoami["status"]["userInfo"]["username"] == want.as_str(),
+        "the agent of {node} runs as {}, the release's DaemonSet as {want}",
+        whoami["status"]["userInfo"]["username"]
+    );
+    Ok(())
+}
+
 /// The agent of one node may write its own node's ResourceSlices and its own
 /// Node's ComputeDomain labels, and nothing of another node.
 pub async fn agent_confined_to_its_node(env: Arc<Env>) -> Result<()> {
     let own = "h100-0";
     let other = "h200-0";
+    agent_runs_as_the_release_says(&env, own)?;
     let apply = [
         "apply",
         "--server-side",
