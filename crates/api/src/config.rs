@@ -195,6 +195,18 @@ impl ConfigKind {
     pub const COMPUTE_DOMAIN_DRIVER: &'static [ConfigKind] =
         &[Self::ComputeDomainChannel, Self::ComputeDomainDaemon];
 
+    /// The JSON schema of the kind's fields (without `apiVersion` and `kind`), from the
+    /// Rust type, for the API reference.
+    pub fn schema(self) -> schemars::Schema {
+        match self {
+            Self::Gpu => schemars::schema_for!(GpuConfig),
+            Self::MigDevice => schemars::schema_for!(MigDeviceConfig),
+            Self::VfioDevice => schemars::schema_for!(VfioDeviceConfig),
+            Self::ComputeDomainChannel => schemars::schema_for!(ComputeDomainChannelConfig),
+            Self::ComputeDomainDaemon => schemars::schema_for!(ComputeDomainDaemonConfig),
+        }
+    }
+
     /// The `kind` value.
     pub fn name(self) -> &'static str {
         match self {
@@ -467,3 +479,36 @@ from_kind!(
     ComputeDomainChannel(ComputeDomainChannelConfig),
     ComputeDomainDaemon(ComputeDomainDaemonConfig)
 );
+
+/// The JSON schema of a string that takes one of `values` (documented as
+/// `description`). The enums that keep unknown strings for validation decode
+/// any string, but their schema states what is accepted, for the API
+/// reference and for tools.
+pub(crate) fn string_enum_schema(description: &str, values: &[&str]) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "string",
+        "enum": values,
+        "description": description,
+    })
+}
+
+/// Implements [`schemars::JsonSchema`] for a string enum through
+/// [`string_enum_schema`].
+macro_rules! string_enum_json_schema {
+    ($ty:ty, $description:expr, [$($value:expr),+ $(,)?]) => {
+        impl schemars::JsonSchema for $ty {
+            fn inline_schema() -> bool {
+                true
+            }
+
+            fn schema_name() -> std::borrow::Cow<'static, str> {
+                stringify!($ty).into()
+            }
+
+            fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+                $crate::config::string_enum_schema($description, &[$($value),+])
+            }
+        }
+    };
+}
+pub(crate) use string_enum_json_schema;

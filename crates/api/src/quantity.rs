@@ -198,6 +198,25 @@ impl Serialize for Quantity {
     }
 }
 
+/// Schema as Kubernetes declares quantities: an integer or a string.
+impl schemars::JsonSchema for Quantity {
+    fn inline_schema() -> bool {
+        true
+    }
+
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "Quantity".into()
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "anyOf": [{ "type": "integer" }, { "type": "string" }],
+            "x-kubernetes-int-or-string": true,
+            "description": "A Kubernetes quantity, e.g. 512Mi or 1Gi.",
+        })
+    }
+}
+
 impl<'de> Deserialize<'de> for Quantity {
     /// Accepts a string or a JSON number, as apimachinery does.
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {

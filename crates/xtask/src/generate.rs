@@ -1,6 +1,7 @@
 //! `cargo xtask generate`: writes artefacts derived from the Rust types into the tree.
 //!
-//! CRDs go to `charts/nvdra/crds/`, one file per CRD, named as upstream's chart names them.
+//! The API reference goes to `docs/api.md` (see [`crate::apidoc`]). CRDs go to
+//! `charts/nvdra/crds/`, one file per CRD, named as upstream's chart names them.
 //! YAML files in that folder that no type generates any more are removed, so renaming a CRD
 //! cannot leave a stale copy behind; `crates/api/tests/crd_drift.rs` checks the same set.
 //! Files are only rewritten when their content changes, keeping timestamps stable.
@@ -40,6 +41,17 @@ pub fn crds(root: &Path) -> anyhow::Result<()> {
             fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
             report(&format!("removed stale {CRDS_DIR}/{name}"));
         }
+    }
+    Ok(())
+}
+
+/// Writes the API reference (`docs/api.md`) when its content changes.
+pub fn api_doc(root: &Path) -> anyhow::Result<()> {
+    let path = root.join(crate::apidoc::API_DOC);
+    let text = crate::apidoc::render()?;
+    if fs::read_to_string(&path).ok().as_deref() != Some(text.as_str()) {
+        fs::write(&path, text).with_context(|| format!("writing {}", path.display()))?;
+        report(&format!("wrote {}", crate::apidoc::API_DOC));
     }
     Ok(())
 }

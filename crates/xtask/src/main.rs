@@ -1,5 +1,6 @@
 //! Project chores, run as `cargo xtask <command>` from anywhere in the workspace.
 
+mod apidoc;
 mod generate;
 
 use clap::{Parser, Subcommand};
@@ -13,12 +14,17 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Write the CRD YAML generated from the nvdra-api types into charts/nvdra/crds/.
+    /// Write what the nvdra-api types generate: the CRD YAML in charts/nvdra/crds/ and the
+    /// API reference docs/api.md.
     Generate,
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().command {
-        Command::Generate => generate::crds(&generate::workspace_root()),
+        Command::Generate => {
+            let root = generate::workspace_root();
+            generate::crds(&root)?;
+            generate::api_doc(&root)
+        }
     }
 }

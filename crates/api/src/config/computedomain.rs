@@ -2,6 +2,7 @@
 //! the ResourceClaimTemplates it creates per ComputeDomain; they tie a channel or daemon claim
 //! to its ComputeDomain by UID.
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::{ConfigError, invalid};
@@ -9,7 +10,7 @@ use crate::featuregates::FeatureGates;
 use crate::names::kinds;
 
 /// Configuration of an IMEX channel claim (the workload claim template).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct ComputeDomainChannelConfig {
     /// UID of the ComputeDomain; required.
@@ -32,7 +33,7 @@ impl ComputeDomainChannelConfig {
 }
 
 /// Configuration of an IMEX daemon claim (the daemon claim template).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 pub struct ComputeDomainDaemonConfig {
     /// UID of the ComputeDomain; required.
     #[serde(default, rename = "domainID")]

@@ -3,6 +3,7 @@
 //! Without `sharing` the GPU is used exclusively, unless the `TimeSlicingSettings` gate makes
 //! time-slicing with the default interval the implied sharing.
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::ConfigError;
@@ -13,7 +14,7 @@ use crate::featuregates::{FeatureGate, FeatureGates};
 use crate::names::kinds;
 
 /// Configuration of a full GPU.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct GpuConfig {
     /// How the GPU is shared; exclusive use when absent.
@@ -22,7 +23,7 @@ pub struct GpuConfig {
 }
 
 /// Sharing settings of a full GPU.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct GpuSharing {
     /// `TimeSlicing` or `MPS`.

@@ -3,6 +3,7 @@
 //! Like `GpuConfig` but without time-slice settings: the time slice cannot be set per MIG
 //! device, so `TimeSlicing` is accepted (with its gate) and has no effect.
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::ConfigError;
@@ -11,7 +12,7 @@ use crate::featuregates::{FeatureGate, FeatureGates};
 use crate::names::kinds;
 
 /// Configuration of a MIG device.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct MigDeviceConfig {
     /// How the MIG device is shared; exclusive use when absent.
@@ -20,7 +21,7 @@ pub struct MigDeviceConfig {
 }
 
 /// Sharing settings of a MIG device.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct MigDeviceSharing {
     /// `TimeSlicing` or `MPS`.

@@ -8,6 +8,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::{ConfigError, gate_disabled, invalid};
@@ -75,6 +76,12 @@ impl SharingStrategy {
     }
 }
 
+super::string_enum_json_schema!(
+    SharingStrategy,
+    "How the device is shared: TimeSlicing (gate TimeSlicingSettings) or MPS (gate MPSSupport).",
+    ["TimeSlicing", "MPS"]
+);
+
 impl From<String> for SharingStrategy {
     fn from(s: String) -> Self {
         match s.as_str() {
@@ -138,6 +145,12 @@ impl TimeSliceInterval {
     }
 }
 
+super::string_enum_json_schema!(
+    TimeSliceInterval,
+    "Time-slice length; Default when absent.",
+    ["Default", "Short", "Medium", "Long"]
+);
+
 impl From<String> for TimeSliceInterval {
     fn from(s: String) -> Self {
         match s.as_str() {
@@ -157,7 +170,7 @@ impl From<TimeSliceInterval> for String {
 }
 
 /// Time-slicing settings.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct TimeSlicingConfig {
     /// Time-slice length; `Default` when absent.
@@ -186,7 +199,7 @@ impl TimeSlicingConfig {
 }
 
 /// MPS control daemon settings.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct MpsConfig {
     /// Share of a device's threads each client may use, 0..=100.

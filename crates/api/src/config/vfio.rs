@@ -4,6 +4,7 @@
 //! The only setting is the IOMMU backend policy and whether the IOMMU API device
 //! (`/dev/iommu` or `/dev/vfio/vfio`) is added to the container.
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::{ConfigError, invalid};
@@ -11,7 +12,7 @@ use crate::featuregates::{FeatureGate, FeatureGates};
 use crate::names::kinds;
 
 /// Configuration of a VFIO passthrough device.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct VfioDeviceConfig {
     /// IOMMU settings; `LegacyOnly` without the API device when absent.
@@ -20,7 +21,7 @@ pub struct VfioDeviceConfig {
 }
 
 /// IOMMU backend settings.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct IommuConfig {
     /// Which IOMMU backend to use.
@@ -72,6 +73,12 @@ impl IommuBackendPolicy {
         }
     }
 }
+
+super::string_enum_json_schema!(
+    IommuBackendPolicy,
+    "Which IOMMU backend to use: LegacyOnly (VFIO container/group) or PreferIommuFD (iommufd when the host has it, else legacy).",
+    ["LegacyOnly", "PreferIommuFD"]
+);
 
 impl From<String> for IommuBackendPolicy {
     fn from(s: String) -> Self {
