@@ -243,6 +243,11 @@ expect_same "controller ClusterRole rules (least privilege)" \
     verbs: ["create", "patch"]' "$(clusterrole_rules <<<"$ctl")"
 expect_same "controller's daemons get the chart image" 'ghcr.io/nvdra/nvdra:v0.1.0' \
 	"$(env_value IMAGE_NAME <<<"$ctl")"
+expect_same "daemons serve metrics on 8082 by default" '8082' \
+	"$(env_value CD_DAEMON_METRICS_PORT <<<"$ctl")"
+expect_same "daemonMetrics.enabled=false turns them off" '0' \
+	"$(ok_render --set controller.daemonMetrics.enabled=false --show-only templates/controller.yaml |
+		env_value CD_DAEMON_METRICS_PORT)"
 daemon_rbac="$(ok_render --show-only templates/rbac-computedomain-daemon.yaml)"
 expect_same "daemon ServiceAccount (fixed name the DaemonSets use)" \
 	"compute-domain-daemon-service-account" "$(kind_names ServiceAccount <<<"$daemon_rbac")"
@@ -270,6 +275,10 @@ expect_same "every policy governs both directions" 3 \
 expect_contains "daemons reach each other on nvidia-imex's ports" \
 "        - { protocol: TCP, port: 50000 }
         - { protocol: TCP, port: 50005 }" "$netpol"
+expect_contains "daemons may be scraped on their metrics port" \
+"    - ports:
+        - protocol: TCP
+          port: 8082" "$(sed -n '/compute-domain-daemons/,$p' <<<"$netpol")"
 expect_same "API server egress on 6443 for each" 3 "$(grep -c 'port: 6443$' <<<"$netpol")"
 expect_contains "metrics off: no ingress for the agent" "  ingress: []" \
 	"$(ok_render --set kubeletPlugin.metrics.enabled=false --show-only templates/networkpolicies.yaml)"
@@ -310,8 +319,8 @@ if command -v promtool >/dev/null 2>&1; then
 	rules_file="$(mktemp)"
 	# The rule file is the object's spec, one level up.
 	awk 'found { print substr($0, 3) } /^spec:$/ { found = 1 }' <<<"$rules" >"$rules_file"
-	if out="$(promtool check rules "$rules_file" 2>&1)" && [[ "$out" == *"SUCCESS: 9 rules found"* ]]; then
-		pass "promtool check rules: 9 alerts"
+	if out="$(promtool check rules "$rules_file" 2>&1)" && [[ "$out" == *"SUCCESS: 11 rules found"* ]]; then
+		pass "promtool check rules: 11 alerts"
 	else
 		fail "promtool check rules" "$out"
 	fi

@@ -45,6 +45,11 @@ pub struct Args {
     #[arg(long, env = "LOG_VERBOSITY_CD_DAEMON", default_value = "1")]
     pub log_verbosity_cd_daemon: String,
 
+    /// Port of the IMEX daemons' metrics endpoint (`/metrics`, `/livez` on the pod IP, container
+    /// port `metrics`); 0 turns it off. Changing it rolls every domain's daemon pods.
+    #[arg(long, env = "CD_DAEMON_METRICS_PORT", default_value_t = 8082)]
+    pub cd_daemon_metrics_port: u16,
+
     /// Largest IMEX domain (nodes per clique), passed to the daemons.
     #[arg(long, env = "MAX_NODES_PER_IMEX_DOMAIN", default_value_t = 18)]
     pub max_nodes_per_imex_domain: u32,
@@ -202,6 +207,7 @@ mod tests {
         assert_eq!(args.renew_deadline, Duration::from_secs(10));
         assert_eq!(args.retry_period, Duration::from_secs(2));
         assert_eq!(args.metrics_path, "/metrics");
+        assert_eq!(args.cd_daemon_metrics_port, 8082);
         assert_eq!(
             args.http_endpoint,
             Endpoint(Some("0.0.0.0:8080".parse().unwrap()))

@@ -38,7 +38,13 @@ pub struct DaemonSettings {
     pub log_filter: String,
     /// `NVDRA_LOG_FORMAT` of the daemons: the controller's own.
     pub log_format: nvdra_api::flags::LogFormat,
+    /// Port of the daemons' metrics endpoint (container port `metrics`, bound on the pod
+    /// IP); `None` serves none.
+    pub metrics_port: Option<u16>,
 }
+
+/// Name of the daemon container's metrics port, for scrape configurations.
+pub const METRICS_PORT_NAME: &str = "metrics";
 
 /// Labels of the DaemonSet and its pods; also the selector.
 pub fn daemon_labels(domain_uid: &str) -> BTreeMap<String, String> {
@@ -73,26 +79,37 @@ pub fn desired(domain_uid: &str, settings: &DaemonSettings) -> apps::DaemonSet {
         .filter(|name| !name.is_empty())
         .map(|name| core::LocalObjectReference { name: name.clone() })
         .collect::<Vec<_>>();
+    let mut env = vec![
+        field_env("NODE_NAME", "spec.nodeName"),
+        field_env("POD_IP", "status.podIP"),
+        field_env("POD_UID", "metadata.uid"),
+        field_env("POD_NAME", "metadata.name"),
+        field_env("POD_NAMESPACE", "metadata.namespace"),
+        value_env(
+            "MAX_NODES_PER_IMEX_DOMAIN",
+            &settings.max_nodes_per_imex_domain.to_string(),
+        ),
+        // The daemon needs no GPU; `void` keeps the NVIDIA runtime from injecting any.
+        value_env("NVIDIA_VISIBLE_DEVICES", "void"),
+        value_env("FEATURE_GATES", &settings.feature_gates),
+        value_env("NVDRA_LOG", &settings.log_filter),
+        value_env("NVDRA_LOG_FORMAT", settings.log_format.as_str()),
+    ];
+    let ports = settings.metrics_port.map(|port| {
+        env.push(value_env("HTTP_ENDPOINT", &format!(":{port}")));
+        vec![core::ContainerPort {
+            name: Some(METRICS_PORT_NAME.to_owned()),
+            container_port: i32::from(port),
+            protocol: Some("TCP".to_owned()),
+            ..Default::default()
+        }]
+    });
     let container = core::Container {
         name: objects::DAEMON_CONTAINER.to_owned(),
         image: Some(settings.image.clone()),
         command: Some(vec![objects::DAEMON_BINARY.to_owned(), "run".to_owned()]),
-        env: Some(vec![
-            field_env("NODE_NAME", "spec.nodeName"),
-            field_env("POD_IP", "status.podIP"),
-            field_env("POD_UID", "metadata.uid"),
-            field_env("POD_NAME", "metadata.name"),
-            field_env("POD_NAMESPACE", "metadata.namespace"),
-            value_env(
-                "MAX_NODES_PER_IMEX_DOMAIN",
-                &settings.max_nodes_per_imex_domain.to_string(),
-            ),
-            // The daemon needs no GPU; `void` keeps the NVIDIA runtime from injecting any.
-            value_env("NVIDIA_VISIBLE_DEVICES", "void"),
-            value_env("FEATURE_GATES", &settings.feature_gates),
-            value_env("NVDRA_LOG", &settings.log_filter),
-            value_env("NVDRA_LOG_FORMAT", settings.log_format.as_str()),
-        ]),
+        env: Some(env),
+        ports,
         resources: Some(core::ResourceRequirements {
             claims: Some(vec![core::ResourceClaim {
                 name: objects::DAEMON_CONTAINER.to_owned(),
@@ -256,5 +273,26 @@ mod tests {
             let got = serde_json::to_value(desired("uid-1", &s)).unwrap();
             assert_eq!(got, expected(want), "{secrets:?}");
         }
+    }
+
+    #[test]
+    fn metrics_port_adds_endpoint_and_container_port() {
+        let mut s = settings();
+        s.metrics_port = Some(8082);
+        let got = serde_json::to_value(desired("uid-1", &s)).unwrap();
+        let container = &got["spec"]["template"]["spec"]["containers"][0];
+        assert_eq!(
+            container["ports"],
+            json!([{"name": "metrics", "containerPort": 8082, "protocol": "TCP"}])
+        );
+        let env = container["env"].as_array().unwrap();
+        assert_eq!(
+            env.last().unwrap(),
+            &json!({"name": "HTTP_ENDPOINT", "value": ":8082"})
+        );
+        let mut want = expected(None);
+        want["spec"]["template"]["spec"]["containers"][0]["ports"] = container["ports"].clone();
+        want["spec"]["template"]["spec"]["containers"][0]["env"] = container["env"].clone();
+        assert_eq!(got, want, "nothing else changes");
     }
 }

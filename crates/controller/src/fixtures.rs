@@ -40,6 +40,7 @@ pub fn settings() -> DaemonSettings {
         feature_gates: "ComputeDomainCliques=true".into(),
         log_filter: "info".into(),
         log_format: nvdra_api::flags::LogFormat::Text,
+        metrics_port: None,
     }
 }
 

@@ -93,6 +93,7 @@ pub async fn run(args: Args) -> Result<(), Error> {
         feature_gates: args.feature_gates.to_string(),
         log_filter: daemon_log_filter(&args.log_verbosity_cd_daemon),
         log_format: args.log_format,
+        metrics_port: (args.cd_daemon_metrics_port != 0).then_some(args.cd_daemon_metrics_port),
     };
     let identity = leader::identity(&args.pod_name);
     let recorder = Recorder::new(

@@ -132,6 +132,21 @@ pub struct DaemonArgs {
     #[arg(long = "log", env = "NVDRA_LOG", default_value = "info", global = true)]
     pub log: String,
 
+    /// Address of `run`'s metrics endpoint (`/metrics`, `/livez`); `:8082` binds the pod IP
+    /// on port 8082. Empty (the default) serves nothing.
+    #[arg(
+        long,
+        env = "HTTP_ENDPOINT",
+        value_parser = nvdra_api::flags::parse_endpoint,
+        default_value = "",
+        global = true
+    )]
+    pub http_endpoint: nvdra_api::flags::Endpoint,
+
+    /// Path of the metrics page on the HTTP endpoint.
+    #[arg(long, env = "METRICS_PATH", default_value = "/metrics", global = true)]
+    pub metrics_path: String,
+
     /// Log output format of `run`: `text` or `json` (one object per line).
     #[arg(
         long,
@@ -161,6 +176,8 @@ mod tests {
         assert_eq!(d.config_dir, PathBuf::from("/imexd"));
         assert_eq!(d.compute_domain_namespace, "default");
         assert_eq!(d.log, "info");
+        assert_eq!(d.http_endpoint, nvdra_api::flags::Endpoint(None));
+        assert_eq!(d.metrics_path, "/metrics");
     }
 
     #[test]

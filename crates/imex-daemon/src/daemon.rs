@@ -39,6 +39,7 @@ use crate::error::chain;
 use crate::events::PodEvents;
 use crate::hosts::{self, Mapping};
 use crate::imex::{self, Imex};
+use crate::metrics::{self, Metrics};
 use crate::{config, index, rootfs};
 
 /// Everything that happens after SIGTERM must fit in this (upstream: entry removed within
@@ -71,6 +72,22 @@ pub async fn run(args: DaemonArgs) -> Result<(), Error> {
         root = %args.container_root.display(),
         "nvdra-imex-daemon starting"
     );
+    let registry = prometheus::Registry::new();
+    registry
+        .register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))
+        .map_err(Error::RegisterMetrics)?;
+    let metrics = Metrics::new(&registry).map_err(Error::RegisterMetrics)?;
+    if let Some(endpoint) = args.http_endpoint.0 {
+        let addr = metrics::listen_address(endpoint, &args.pod_ip);
+        let path = args.metrics_path.clone();
+        tokio::spawn(async move {
+            if let Err(err) = metrics::serve(addr, &path, registry).await {
+                tracing::warn!(error = %chain(&err), "no metrics endpoint");
+            }
+        });
+    }
     label_pod(&client, &args).await?;
 
     if args.clique_id.is_empty() {
@@ -104,6 +121,7 @@ pub async fn run(args: DaemonArgs) -> Result<(), Error> {
             &args.node_name,
         ),
         imex_restarts: 0,
+        metrics,
         api: Api::namespaced(client.clone(), &args.pod_namespace),
         member,
         pod_ip: args.pod_ip.clone(),
@@ -158,6 +176,8 @@ pub async fn run(args: DaemonArgs) -> Result<(), Error> {
                 tracing::warn!(%how, "nvidia-imex ended; restarting in 1s");
                 state.restart_at = Some(Instant::now() + imex::WATCHDOG_DELAY);
                 state.imex_restarts += 1;
+                state.metrics.set_imex_running(false);
+                state.metrics.imex_restarted();
                 state.events.imex_exited(&how, state.imex_restarts).await;
             }
             () = sleep_until(retry) => {
@@ -392,6 +412,7 @@ struct State {
     events: PodEvents,
     /// `nvidia-imex` restarts since start.
     imex_restarts: u32,
+    metrics: Metrics,
     api: Api<ComputeDomainClique>,
     member: Membership,
     pod_ip: String,
@@ -444,8 +465,17 @@ impl State {
         if have == Some(&row) || (have.is_some() && self.last_applied.as_ref() == Some(&row)) {
             return;
         }
-        match self.member.apply(&self.api, Some(&row)).await {
+        let started = Instant::now();
+        let result = self.member.apply(&self.api, Some(&row)).await;
+        let outcome = match &result {
+            Ok(_) => metrics::results::SUCCESS,
+            Err(err) if clique::is_conflict(err) => metrics::results::CONFLICT,
+            Err(_) => metrics::results::ERROR,
+        };
+        self.metrics.applied(outcome, started.elapsed());
+        match result {
             Ok(clique) => {
+                self.metrics.set_ready(row.status == Readiness::Ready);
                 tracing::info!(
                     index = row.index,
                     status = row.status.as_str(),
@@ -502,15 +532,16 @@ impl State {
             .collect();
         tracing::info!(peers = %peers.join(", "), "updated IMEX peer names in /etc/hosts");
         let first = self.written.is_none();
+        let count = mappings.len();
         self.written = Some(mappings);
         let joined = self.written.iter().flatten().any(|m| m.ip == self.pod_ip);
-        if self.imex.running() {
-            if !first {
-                self.imex.signal("USR1").await;
-            }
-        } else if joined && self.restart_at.is_none() {
+        let signalled = self.imex.running() && !first;
+        if signalled {
+            self.imex.signal("USR1").await;
+        } else if !self.imex.running() && joined && self.restart_at.is_none() {
             self.start_imex();
         }
+        self.metrics.peers_written(count, signalled);
     }
 
     fn start_imex(&mut self) {
@@ -518,6 +549,7 @@ impl State {
             tracing::warn!(error = %chain(&err), "nvidia-imex did not start; retrying in 1s");
             self.restart_at = Some(Instant::now() + imex::WATCHDOG_DELAY);
         }
+        self.metrics.set_imex_running(self.imex.running());
     }
 
     /// Stops `nvidia-imex` and removes the own row, concurrently, within the budget.

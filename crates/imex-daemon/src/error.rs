@@ -27,6 +27,18 @@ pub enum Error {
     /// Building the API client failed.
     #[error("build API client")]
     BuildClient(#[source] kube::Error),
+    /// Registering the metrics failed (a name registered twice: a bug).
+    #[error("register metrics")]
+    RegisterMetrics(#[source] prometheus::Error),
+    /// Binding or serving the metrics endpoint failed.
+    #[error("serve HTTP on {addr}")]
+    ServeHttp {
+        /// The listen address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// Labelling the daemon's own pod with its clique ID failed.
     #[error("label Pod {namespace}/{name} with its clique ID")]
     LabelPod {

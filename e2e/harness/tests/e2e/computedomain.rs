@@ -260,6 +260,35 @@ pub async fn four_node_domain(env: Arc<Env>) -> Result<()> {
         );
     }
 
+    // Each daemon's metrics (on its pod IP, the controller's default port)
+    // say what just happened, in an exposition promtool accepts.
+    for pod in &daemon_pods {
+        let ip = pod
+            .status
+            .as_ref()
+            .and_then(|s| s.pod_ip.clone())
+            .context("daemon pod without an IP")?;
+        let name = format!("daemon on {}", node_of(pod));
+        let (code, body) = super::observability::http_get_at(&ip, 8082, "/metrics")?;
+        ensure!(code == 200, "{name}: /metrics answered {code}");
+        for line in [
+            "nvdra_imex_daemon_ready 1",
+            "nvdra_imex_daemon_imex_running 1",
+            "nvdra_imex_daemon_peers 4",
+            "nvdra_imex_daemon_imex_restarts_total 0",
+        ] {
+            ensure!(
+                body.lines().any(|l| l == line),
+                "{name}: no {line:?} in\n{body}"
+            );
+        }
+        ensure!(
+            !body.contains("nvdra_imex_daemon_clique_applies_total{result=\"success\"} 0"),
+            "{name}: counted no successful clique apply:\n{body}"
+        );
+        super::observability::promtool_check_metrics(&name, &body)?;
+    }
+
     // Every worker sees one channel, the same one for this domain on each node.
     for worker in &workers {
         channel_of(&env, worker)?;
