@@ -58,7 +58,16 @@ pub fn run(args: Args) -> ExitCode {
                 nvdra_api::flags::LogFormat::Text => builder.init(),
                 nvdra_api::flags::LogFormat::Json => builder.json().init(),
             }
-            match runtime.block_on(daemon::run(args.daemon)) {
+            // Every line of a daemon concerns one ComputeDomain on one node: say so on each.
+            let span = tracing::info_span!(
+                "imex_daemon",
+                compute_domain = %args.daemon.compute_domain_uuid,
+                node = %args.daemon.node_name,
+            );
+            match runtime.block_on(tracing::Instrument::instrument(
+                daemon::run(args.daemon),
+                span,
+            )) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(err) => {
                     tracing::error!(error = %error::chain(&err), "run failed");

@@ -106,7 +106,9 @@ impl CdiStore {
             claim_uid: claim_uid.to_owned(),
             source,
         })?;
-        self.write_file(&self.vendor.claim_spec_file_name(claim_uid), &yaml, spec)
+        let path = self.write_file(&self.vendor.claim_spec_file_name(claim_uid), &yaml)?;
+        tracing::debug!(claim_uid, path = %path.display(), devices = spec.devices.len(), "wrote CDI spec");
+        Ok(path)
     }
 
     /// Atomically writes (or replaces) the vendor's base spec
@@ -129,7 +131,9 @@ impl CdiStore {
             claim_uid: BASE_SPEC_LABEL.to_owned(),
             source,
         })?;
-        self.write_file(&self.vendor.base_spec_file_name(), &yaml, spec)
+        let path = self.write_file(&self.vendor.base_spec_file_name(), &yaml)?;
+        tracing::debug!(path = %path.display(), devices = spec.devices.len(), "wrote base CDI spec");
+        Ok(path)
     }
 
     /// Where the base spec lives.
@@ -138,7 +142,7 @@ impl CdiStore {
     }
 
     /// Writes `yaml` as `file_name` in the root: temp file, fsync, rename, directory fsync.
-    fn write_file(&self, file_name: &str, yaml: &str, spec: &Spec) -> Result<PathBuf, Error> {
+    fn write_file(&self, file_name: &str, yaml: &str) -> Result<PathBuf, Error> {
         let path = self.root.join(file_name);
         DirBuilder::new()
             .recursive(true)
@@ -181,7 +185,6 @@ impl CdiStore {
                 path: self.root.clone(),
                 source,
             })?;
-        tracing::debug!(path = %path.display(), devices = spec.devices.len(), "wrote CDI spec");
         Ok(path)
     }
 
@@ -191,7 +194,7 @@ impl CdiStore {
         let path = self.claim_spec_path(claim_uid)?;
         match std::fs::remove_file(&path) {
             Ok(()) => {
-                tracing::debug!(path = %path.display(), "removed CDI spec");
+                tracing::debug!(claim_uid, path = %path.display(), "removed CDI spec");
                 Ok(true)
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),

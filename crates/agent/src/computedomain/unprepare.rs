@@ -149,11 +149,11 @@ fn drop_claims(
             let dir = shared.domain_dir(&domain);
             match std::fs::remove_dir_all(&dir) {
                 Ok(()) => {
-                    tracing::info!(dir = %dir.display(), "removed the directory of a ComputeDomain")
+                    tracing::info!(compute_domain = %domain, claim_uid = %uid, dir = %dir.display(), "removed the directory of a ComputeDomain")
                 }
                 Err(err) if err.kind() == std::io::ErrorKind::NotFound => {}
                 Err(err) => {
-                    tracing::warn!(dir = %dir.display(), error = %err, "cannot remove the directory of a ComputeDomain");
+                    tracing::warn!(compute_domain = %domain, claim_uid = %uid, dir = %dir.display(), error = %err, "cannot remove the directory of a ComputeDomain");
                 }
             }
         }
