@@ -1,5 +1,7 @@
 //! Clean-up of checkpointed claims nobody will unprepare: the agent's own Unprepare for claims
-//! whose ResourceClaim is gone, and for prepares that were interrupted.
+//! whose ResourceClaim is gone, and for prepares that were interrupted. Both drivers run it
+//! ([`CleanupTarget`]): a channel claim left behind would keep its node labelled for its
+//! ComputeDomain, and with the label the domain's daemon, for as long as the agent runs.
 //!
 //! The kubelet normally unprepares every claim it prepared, but not always: a pod deleted while
 //! the plugin was down, a kubelet whose own state was wiped, a Prepare the kubelet gave up on.
@@ -8,9 +10,12 @@
 //! 10 minutes).
 //!
 //! Rules, per checkpointed claim:
-//! - `PrepareStarted`: an interrupted prepare (a running prepare holds the driver lock, so the
+//! - `PrepareStarted`, for a driver that [rolls them back](CleanupTarget::rolls_back_interrupted)
+//!   (the GPU driver): an interrupted prepare (a running prepare holds the driver lock, so the
 //!   clean-up never sees one in progress). Nothing uses a half-prepared claim and the kubelet's
-//!   retry prepares it afresh, so it is rolled back without asking the API server.
+//!   retry prepares it afresh, so it is rolled back without asking the API server. The
+//!   compute-domain driver's prepares leave the driver lock while they wait for a daemon, so
+//!   there a `PrepareStarted` entry may be a prepare in progress: it is judged like the others.
 //! - any other state: the ResourceClaim is read (each read bounded by a timeout, 20 s as
 //!   upstream, all reads concurrently). Not found, or found with another UID (deleted and
 //!   recreated under the same name) → unprepared. Found with the same UID → kept. A read that
@@ -24,13 +29,100 @@
 //!
 //! Failure modes: none are fatal; everything is in the returned [`CleanupReport`] and the log.
 
+use std::collections::BTreeMap;
+use std::future::Future;
 use std::time::Duration;
 
 use nvdra_kubelet_plugin::ClaimReader;
 use nvdra_kubelet_plugin::error::error_chain;
 
 use crate::checkpoint::{ClaimRef, ClaimState};
+use crate::computedomain::ComputeDomainDriver;
 use crate::driver::{Expect, GpuDriver};
+
+/// A driver whose checkpointed claims the clean-up examines and unprepares.
+pub trait CleanupTarget: Send + Sync {
+    /// Whether a `PrepareStarted` entry is an interrupted prepare (rolled back without asking
+    /// the API server) rather than possibly one in progress.
+    fn rolls_back_interrupted(&self) -> bool;
+
+    /// Every checkpointed claim with its state.
+    fn claims_for_cleanup(
+        &self,
+    ) -> impl Future<Output = Result<Vec<(ClaimRef, ClaimState)>, String>> + Send;
+
+    /// Unprepares the stale claims: per UID, `Ok(true)` when it was unprepared, `Ok(false)`
+    /// when it was already gone or no longer in the state found, or why it failed. `Err` when
+    /// nothing could be attempted.
+    fn unprepare_stale(
+        &self,
+        stale: &[StaleClaim],
+    ) -> impl Future<Output = Result<BTreeMap<String, Result<bool, String>>, String>> + Send;
+}
+
+impl CleanupTarget for GpuDriver {
+    fn rolls_back_interrupted(&self) -> bool {
+        true
+    }
+
+    async fn claims_for_cleanup(&self) -> Result<Vec<(ClaimRef, ClaimState)>, String> {
+        self.checkpointed_claims().await
+    }
+
+    async fn unprepare_stale(
+        &self,
+        stale: &[StaleClaim],
+    ) -> Result<BTreeMap<String, Result<bool, String>>, String> {
+        let batch = stale
+            .iter()
+            .map(|s| {
+                let expect = match s.reason {
+                    StaleReason::Interrupted => Expect::Started,
+                    StaleReason::NotFound | StaleReason::Replaced { .. } => Expect::Any,
+                };
+                (s.claim.uid.clone(), expect)
+            })
+            .collect();
+        let outcomes = self.unprepare_for_cleanup(batch).await?;
+        Ok(outcomes
+            .into_iter()
+            .map(|(uid, outcome)| (uid, outcome.map_err(|err| error_chain(&err))))
+            .collect())
+    }
+}
+
+impl CleanupTarget for ComputeDomainDriver {
+    fn rolls_back_interrupted(&self) -> bool {
+        false
+    }
+
+    async fn claims_for_cleanup(&self) -> Result<Vec<(ClaimRef, ClaimState)>, String> {
+        self.checkpointed_claims().await
+    }
+
+    async fn unprepare_stale(
+        &self,
+        stale: &[StaleClaim],
+    ) -> Result<BTreeMap<String, Result<bool, String>>, String> {
+        let claims = stale
+            .iter()
+            .map(|s| {
+                nvdra_kubelet_plugin::ClaimRef::new(
+                    s.claim.namespace.clone(),
+                    s.claim.name.clone(),
+                    s.claim.uid.clone(),
+                )
+            })
+            .collect();
+        // The kubelet's own path: node label, directories, CDI specs and checkpoint.
+        Ok(self
+            .unprepare_claims(claims)
+            .await
+            .into_iter()
+            .map(|(uid, result)| (uid, result.map(|()| true).map_err(|err| err.to_string())))
+            .collect())
+    }
+}
 
 /// Upstream's bound on one ResourceClaim read during clean-up.
 pub const DEFAULT_LOOKUP_TIMEOUT: Duration = Duration::from_secs(20);
@@ -76,13 +168,16 @@ pub struct CleanupReport {
 }
 
 /// One clean-up pass with the default lookup timeout; see the module docs.
-pub async fn cleanup_stale_claims(driver: &GpuDriver, reader: &dyn ClaimReader) -> CleanupReport {
+pub async fn cleanup_stale_claims<T: CleanupTarget>(
+    driver: &T,
+    reader: &dyn ClaimReader,
+) -> CleanupReport {
     cleanup_stale_claims_with_timeout(driver, reader, DEFAULT_LOOKUP_TIMEOUT).await
 }
 
 /// One clean-up pass, each ResourceClaim read bounded by `lookup_timeout`.
-pub async fn cleanup_stale_claims_with_timeout(
-    driver: &GpuDriver,
+pub async fn cleanup_stale_claims_with_timeout<T: CleanupTarget>(
+    driver: &T,
     reader: &dyn ClaimReader,
     lookup_timeout: Duration,
 ) -> CleanupReport {
@@ -97,12 +192,12 @@ pub async fn cleanup_stale_claims_with_timeout(
     };
     report.checked = claims.len();
 
-    let verdicts = futures::future::join_all(
-        claims
-            .iter()
-            .map(|(claim, state)| verdict(reader, claim, state, lookup_timeout)),
-    )
-    .await;
+    let interrupted_is_stale = driver.rolls_back_interrupted();
+    let verdicts =
+        futures::future::join_all(claims.iter().map(|(claim, state)| {
+            verdict(reader, claim, state, interrupted_is_stale, lookup_timeout)
+        }))
+        .await;
     let mut stale = Vec::new();
     for ((claim, _), verdict) in claims.into_iter().zip(verdicts) {
         match verdict {
@@ -118,17 +213,7 @@ pub async fn cleanup_stale_claims_with_timeout(
         return report;
     }
 
-    let batch = stale
-        .iter()
-        .map(|s| {
-            let expect = match s.reason {
-                StaleReason::Interrupted => Expect::Started,
-                StaleReason::NotFound | StaleReason::Replaced { .. } => Expect::Any,
-            };
-            (s.claim.uid.clone(), expect)
-        })
-        .collect();
-    let mut outcomes = match driver.unprepare_for_cleanup(batch).await {
+    let mut outcomes = match driver.unprepare_stale(&stale).await {
         Ok(outcomes) => outcomes,
         Err(message) => {
             tracing::warn!(error = %message, "stale-claim clean-up could not unprepare");
@@ -146,8 +231,7 @@ pub async fn cleanup_stale_claims_with_timeout(
             }
             // Gone already (the kubelet was faster) or no longer in the expected state.
             Some(Ok(false)) | None => {}
-            Some(Err(err)) => {
-                let message = error_chain(&err);
+            Some(Err(message)) => {
                 tracing::warn!(claim = %stale_claim.claim, error = %message, "cannot unprepare a stale claim");
                 report.failed.push((Some(stale_claim.claim), message));
             }
@@ -166,9 +250,10 @@ async fn verdict(
     reader: &dyn ClaimReader,
     claim: &ClaimRef,
     state: &ClaimState,
+    interrupted_is_stale: bool,
     timeout: Duration,
 ) -> Verdict {
-    if *state == ClaimState::PrepareStarted {
+    if interrupted_is_stale && *state == ClaimState::PrepareStarted {
         return Verdict::Stale(StaleReason::Interrupted);
     }
     if claim.namespace.is_empty() || claim.name.is_empty() {

@@ -232,6 +232,25 @@ impl ComputeDomainDriver {
             shared_counters: Vec::new(),
         }
     }
+    /// Every checkpointed claim with its state, for the stale-claim clean-up.
+    pub(crate) async fn checkpointed_claims(
+        &self,
+    ) -> Result<Vec<(checkpoint::ClaimRef, checkpoint::ClaimState)>, String> {
+        blocking(&self.shared, "clean-up", |shared| {
+            let (_node_lock, ledger) = shared.lock_all()?;
+            Ok(ledger
+                .state()
+                .claims()
+                .map(|(uid, entry)| (entry.claim_ref(uid), entry.state.clone()))
+                .collect())
+        })
+        .await?
+    }
+
+    /// Unprepares `claims` as the kubelet's Unprepare does (for the stale-claim clean-up).
+    pub(crate) async fn unprepare_claims(&self, claims: Vec<ClaimRef>) -> UnprepareResults {
+        unprepare::unprepare_batch(&self.shared, claims).await
+    }
 
     /// A copy of the checkpoint state.
     pub fn checkpoint_state(&self) -> checkpoint::CheckpointState {

@@ -333,7 +333,7 @@ impl GpuDriver {
     }
 
     /// Every checkpointed claim and its state, for the clean-up.
-    pub(crate) async fn claims_for_cleanup(
+    pub(crate) async fn checkpointed_claims(
         &self,
     ) -> Result<Vec<(checkpoint::ClaimRef, ClaimState)>, String> {
         self.run("clean-up", |shared| {

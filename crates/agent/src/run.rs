@@ -386,6 +386,10 @@ fn start_compute_domain_plugin(
         .rolling_update(args.pod_uid.clone().unwrap_or_default())
         .serialize(false)
         .kube_client(client.clone())
+        .critical_task(
+            "claim-cleanup",
+            cleanup_loop(Arc::clone(&driver), client.clone(), args.cleanup_interval),
+        )
         .resource_slices(
             client.clone(),
             resourceslice::Config::new(
@@ -616,8 +620,8 @@ fn read_boot_id(path: &Path) -> String {
 }
 
 /// Cleans up claims whose ResourceClaim is gone, now and every `interval`.
-async fn cleanup_loop(
-    driver: Arc<GpuDriver>,
+async fn cleanup_loop<T: crate::cleanup::CleanupTarget>(
+    driver: Arc<T>,
     client: kube::Client,
     interval: Duration,
 ) -> Result<(), BoxError> {
@@ -625,7 +629,7 @@ async fn cleanup_loop(
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         ticker.tick().await;
-        let report = crate::cleanup::cleanup_stale_claims(&driver, &client).await;
+        let report = crate::cleanup::cleanup_stale_claims(driver.as_ref(), &client).await;
         tracing::debug!(?report, "stale-claim clean-up pass done");
     }
 }

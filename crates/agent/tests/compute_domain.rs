@@ -16,13 +16,16 @@ mod compute_domain_driver {
     use kube::client::Body;
     use nvdra_agent::cdi::spec::{ContainerEdits, Spec};
     use nvdra_agent::cdi::{CdiStore, Vendor};
-    use nvdra_agent::checkpoint::{ClaimState, DeviceInfo, PreparedChannel};
+    use nvdra_agent::checkpoint::{ClaimRef as CpRef, ClaimState, DeviceInfo, PreparedChannel};
+    use nvdra_agent::cleanup::{StaleClaim, StaleReason, cleanup_stale_claims};
     use nvdra_agent::computedomain::{
         CONFIG_TEMPLATE, Cluster, ComputeDomainDriver, ComputeDomainDriverConfig, specs,
     };
     use nvdra_agent::metrics::Metrics;
     use nvdra_gpu::{FakeBackend, GpuBackend as _};
-    use nvdra_kubelet_plugin::{ClaimRef, ConfigSource, DraDriver, OpaqueConfig, PrepareClaim};
+    use nvdra_kubelet_plugin::{
+        ClaimRef, ConfigSource, DraDriver, InMemoryClaimReader, OpaqueConfig, PrepareClaim,
+    };
     use pretty_assertions::assert_eq;
     use serde_json::{Value, json};
 
@@ -457,5 +460,78 @@ mod compute_domain_driver {
             s.api.lock().unwrap().node_patches,
             [label("cd-1", json!("true")), label("cd-1", Value::Null)]
         );
+    }
+
+    fn resource_claim(namespace: &str, uid: &str) -> ResourceClaim {
+        let mut claim = ResourceClaim::default();
+        claim.metadata.namespace = Some(namespace.into());
+        claim.metadata.name = Some(format!("claim-{uid}"));
+        claim.metadata.uid = Some(uid.into());
+        claim
+    }
+
+    /// A channel claim whose ResourceClaim is gone is unprepared by the clean-up as the kubelet
+    /// would have: its CDI spec goes and, with the domain's last channel on the node, the node
+    /// label (so the domain's daemon leaves the node). Live claims stay.
+    #[tokio::test]
+    async fn stale_channel_claims_are_cleaned_up() {
+        let s = setup(Duration::from_secs(5));
+        s.api.lock().unwrap().ready.insert("cd-1".to_owned());
+        let got = s
+            .driver
+            .prepare_resource_claims(vec![
+                daemon_claim("d1", "cd-1"),
+                channel_claim("c1", "team-a", "cd-1"),
+            ])
+            .await;
+        assert!(got.values().all(Result::is_ok), "{got:?}");
+        s.api.lock().unwrap().node_patches.clear();
+
+        let reader = InMemoryClaimReader::new();
+        reader.insert(resource_claim(DRIVER_NS, "d1"));
+        let report = cleanup_stale_claims(&s.driver, &reader).await;
+        assert_eq!(report.checked, 2);
+        assert_eq!(
+            report.unprepared,
+            [StaleClaim {
+                claim: CpRef {
+                    uid: "c1".into(),
+                    namespace: "team-a".into(),
+                    name: "claim-c1".into(),
+                },
+                reason: StaleReason::NotFound,
+            }]
+        );
+        assert!(
+            report.failed.is_empty() && report.unknown.is_empty(),
+            "{report:?}"
+        );
+        assert_eq!(
+            s.api.lock().unwrap().node_patches,
+            [label("cd-1", Value::Null)]
+        );
+        let spec_of = |uid: &str| s.cdi.join(Vendor::COMPUTE_DOMAIN.claim_spec_file_name(uid));
+        assert!(!spec_of("c1").exists());
+        assert!(spec_of("d1").exists());
+        let left: Vec<String> = s
+            .driver
+            .checkpoint_state()
+            .claims()
+            .map(|(uid, _)| uid.to_owned())
+            .collect();
+        assert_eq!(left, ["d1"]);
+
+        // A second pass finds nothing more; the kubelet's own unprepare still succeeds.
+        assert!(
+            cleanup_stale_claims(&s.driver, &reader)
+                .await
+                .unprepared
+                .is_empty()
+        );
+        let got = s
+            .driver
+            .unprepare_resource_claims(vec![ClaimRef::new("team-a", "claim-c1", "c1")])
+            .await;
+        assert!(got["c1"].is_ok());
     }
 }

@@ -18,6 +18,7 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1 as apps;
 use k8s_openapi::api::core::v1 as core;
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use nvdra_api::names::{labels, objects};
 
@@ -115,6 +116,14 @@ pub fn desired(domain_uid: &str, settings: &DaemonSettings) -> apps::DaemonSet {
                 name: objects::DAEMON_CONTAINER.to_owned(),
                 request: None,
             }]),
+            // Requests from measured use (docs/performance.md: the daemon itself stays
+            // near 25 MiB). No limits: nvidia-imex runs in this container too, its
+            // footprint grows with the domain and is not ours to cap, and an OOM kill
+            // would cut the node out of the domain's shared memory.
+            requests: Some(BTreeMap::from([
+                ("cpu".to_owned(), Quantity("10m".to_owned())),
+                ("memory".to_owned(), Quantity("64Mi".to_owned())),
+            ])),
             ..Default::default()
         }),
         startup_probe: Some(probe(1, 1200)),
@@ -230,7 +239,10 @@ mod tests {
                     {"name": "NVDRA_LOG", "value": "info"},
                     {"name": "NVDRA_LOG_FORMAT", "value": "text"},
                 ],
-                "resources": {"claims": [{"name": "compute-domain-daemon"}]},
+                "resources": {
+                    "claims": [{"name": "compute-domain-daemon"}],
+                    "requests": {"cpu": "10m", "memory": "64Mi"},
+                },
                 "startupProbe": probe(1, 1200),
                 "livenessProbe": probe(60, 20),
                 "readinessProbe": probe(2, 1),

@@ -35,7 +35,7 @@ spec:
 
 /// Creates a ComputeDomain and returns its UID once the controller has
 /// created its workload claim template.
-async fn create_domain(env: &Env, ns: &str, name: &str, nodes: u32) -> Result<String> {
+pub(super) async fn create_domain(env: &Env, ns: &str, name: &str, nodes: u32) -> Result<String> {
     let template = format!("{name}-channel");
     env.apply(&compute_domain(ns, name, nodes, &template))?;
     let rcts: Api<ResourceClaimTemplate> = Api::namespaced(env.client.clone(), ns);
@@ -50,7 +50,12 @@ async fn create_domain(env: &Env, ns: &str, name: &str, nodes: u32) -> Result<St
 }
 
 /// Waits until the domain's status is Ready with `nodes` Ready nodes.
-async fn wait_domain_ready(env: &Env, ns: &str, name: &str, nodes: usize) -> Result<ComputeDomain> {
+pub(super) async fn wait_domain_ready(
+    env: &Env,
+    ns: &str,
+    name: &str,
+    nodes: usize,
+) -> Result<ComputeDomain> {
     let cds: Api<ComputeDomain> = Api::namespaced(env.client.clone(), ns);
     wait::value(
         Duration::from_secs(90),
@@ -103,7 +108,12 @@ fn channel_of(env: &Env, pod: &Pod) -> Result<String> {
 }
 
 /// Deletes the domain and checks nothing of it is left anywhere.
-async fn delete_domain_and_check_clean(env: &Env, ns: &str, name: &str, uid: &str) -> Result<()> {
+pub(super) async fn delete_domain_and_check_clean(
+    env: &Env,
+    ns: &str,
+    name: &str,
+    uid: &str,
+) -> Result<()> {
     let cds: Api<ComputeDomain> = Api::namespaced(env.client.clone(), ns);
     cds.delete(name, &DeleteParams::default()).await?;
     wait::until(
@@ -616,7 +626,7 @@ fn imex_process(pod_uid: &str) -> Option<u32> {
 }
 
 /// The pod of DaemonSet `daemon` on `node`.
-async fn daemon_pod_on(pods: &Api<Pod>, daemon: &str, node: &str) -> Result<Pod> {
+pub(super) async fn daemon_pod_on(pods: &Api<Pod>, daemon: &str, node: &str) -> Result<Pod> {
     pods.list(&ListParams::default())
         .await?
         .items

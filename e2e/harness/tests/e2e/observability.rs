@@ -3,8 +3,9 @@
 //! and a real Prometheus server (Debian's package) scrapes every agent and
 //! controller of the cluster and finds the key series.
 //!
-//! The IMEX daemons exist only while a ComputeDomain does, so the
-//! ComputeDomain scenario checks their `/metrics` with the same helpers.
+//! The IMEX daemons exist only while a ComputeDomain does: the Prometheus
+//! scenario creates a one-node domain, and the ComputeDomain scenario checks
+//! every daemon's `/metrics` with promtool.
 //!
 //! Both need Debian's `prometheus` package (`promtool`, `prometheus`), which
 //! `scripts/test` installs; run by hand without it, the scenario fails and
@@ -19,6 +20,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail, ensure};
 
+use super::computedomain;
 use super::env::Env;
 
 /// `GET http://127.0.0.1:<port><path>` (HTTP/1.0, so no chunked body);
@@ -178,6 +180,7 @@ fn start_prometheus(
     dir: &Path,
     port: u16,
     targets: &[(String, u16)],
+    daemons: &[String],
     rules: &str,
 ) -> Result<Prometheus> {
     std::fs::create_dir_all(dir)?;
@@ -198,9 +201,16 @@ scrape_configs:
     static_configs: [{{ targets: [{}] }}]
   - job_name: nvdra-controller
     static_configs: [{{ targets: [{}] }}]
+  - job_name: nvdra-imex-daemon
+    static_configs: [{{ targets: [{}] }}]
 ",
         list("agent"),
-        list("controller")
+        list("controller"),
+        daemons
+            .iter()
+            .map(|d| format!("'{d}'"))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     let config_path = dir.join("prometheus.yml");
     std::fs::write(&config_path, config)?;
@@ -287,19 +297,58 @@ fn query(port: u16, promql: &str) -> Result<Vec<serde_json::Value>> {
         .unwrap_or_default())
 }
 
-/// A real Prometheus scrapes every agent and controller and finds the series
+/// A real Prometheus scrapes every agent, controller and IMEX daemon and finds the series
 /// an operator's dashboards and alerts use; the chart's alerting rules load,
 /// evaluate without error, and none fires on the healthy cluster.
 pub async fn prometheus_scrapes_every_component(env: Arc<Env>) -> Result<()> {
     tool("prometheus")?;
-    let targets = targets(&env);
+    // IMEX daemons exist only for a ComputeDomain: one with one node, so
+    // every kind of component is scraped.
+    let ns = env.namespace("e2e-prometheus").await?;
+    let uid = computedomain::create_domain(&env, &ns, "scraped", 1).await?;
+    let node = computedomain::FABRIC_NODES[0];
+    env.create_pod(
+        &ns,
+        "worker",
+        &[("imex", "template", "scraped-channel")],
+        Some(node),
+    )
+    .await?;
+    let scraped = scrape_everything(&env, &ns, &uid, node).await;
+    env.delete_pod(&ns, "worker", Duration::from_secs(60))
+        .await?;
+    computedomain::delete_domain_and_check_clean(&env, &ns, "scraped", &uid).await?;
+    scraped
+}
+
+async fn scrape_everything(env: &Env, ns: &str, uid: &str, node: &str) -> Result<()> {
+    env.running(ns, "worker", Duration::from_secs(120)).await?;
+    computedomain::wait_domain_ready(env, ns, "scraped", 1).await?;
+    let pods: kube::Api<k8s_openapi::api::core::v1::Pod> =
+        kube::Api::namespaced(env.client.clone(), nvdra_e2e::cluster::NAMESPACE);
+    let daemon =
+        computedomain::daemon_pod_on(&pods, &nvdra_api::names::objects::daemon_name(uid), node)
+            .await?;
+    let daemon_ip = daemon
+        .status
+        .and_then(|s| s.pod_ip)
+        .context("the daemon pod has no IP")?;
+    let daemons = [format!("{daemon_ip}:8082")];
+
+    let targets = targets(env);
     let port = env.cluster.cp.free_ports(1)?[0];
-    let rules = chart_rules(&env)?;
+    let rules = chart_rules(env)?;
     let alerts = rules.matches("- alert:").count();
     ensure!(alerts > 0, "the chart's PrometheusRule has no alerts");
-    let _server = start_prometheus(&env.cluster.dir.join("prometheus"), port, &targets, &rules)?;
+    let _server = start_prometheus(
+        &env.cluster.dir.join("prometheus"),
+        port,
+        &targets,
+        &daemons,
+        &rules,
+    )?;
 
-    let want = targets.len();
+    let want = targets.len() + daemons.len();
     let mut up = 0;
     for _ in 0..60 {
         up = query(port, "up == 1").map(|r| r.len()).unwrap_or(0);
@@ -328,6 +377,10 @@ pub async fn prometheus_scrapes_every_component(env: Arc<Env>) -> Result<()> {
         ),
         // Exactly one controller replica leads.
         ("sum(nvdra_controller_leader)", 1),
+        // The domain's one daemon joined, runs nvidia-imex and knows itself.
+        ("sum(nvdra_imex_daemon_ready)", 1),
+        ("sum(nvdra_imex_daemon_imex_running)", 1),
+        ("sum(nvdra_imex_daemon_peers)", 1),
         (
             "count(process_resident_memory_bytes{job=\"nvdra-controller\"})",
             env.cluster.controller_ports.len(),
@@ -345,7 +398,7 @@ pub async fn prometheus_scrapes_every_component(env: Arc<Env>) -> Result<()> {
     }
 
     // What the chart's resource requests are sized from (docs/performance.md).
-    for job in ["nvdra-agent", "nvdra-controller"] {
+    for job in ["nvdra-agent", "nvdra-controller", "nvdra-imex-daemon"] {
         let rss = query(
             port,
             &format!("max(process_resident_memory_bytes{{job=\"{job}\"}})"),
