@@ -116,8 +116,8 @@ pub fn desired(domain_uid: &str, settings: &DaemonSettings) -> apps::DaemonSet {
                 name: objects::DAEMON_CONTAINER.to_owned(),
                 request: None,
             }]),
-            // Requests from measured use (docs/performance.md: the daemon itself stays
-            // near 25 MiB). No limits: nvidia-imex runs in this container too, its
+            // Requests from measured use (docs/performance.md: the daemon itself held
+            // 12.4 MiB). No limits: nvidia-imex runs in this container too, its
             // footprint grows with the domain and is not ours to cap, and an OOM kill
             // would cut the node out of the domain's shared memory.
             requests: Some(BTreeMap::from([
