@@ -94,14 +94,15 @@ fn h100_sxm_80gb_x8() {
                 .iter()
                 .map(|p| p.name.as_str())
                 .collect::<Vec<_>>(),
+            // NVML's order, as a real H100 lists them (docs/hardware-runs.md).
             [
                 "1g.10gb",
-                "1g.10gb+me",
-                "1g.20gb",
                 "2g.20gb",
                 "3g.40gb",
                 "4g.40gb",
-                "7g.80gb"
+                "7g.80gb",
+                "1g.10gb+me",
+                "1g.20gb"
             ]
         );
     }
@@ -129,7 +130,7 @@ fn h200_x8_minors_differ_from_indices_and_fabric_has_no_clique() {
             "zero cluster UUID means no clique"
         );
     }
-    let table: &MigProfile = &inv.gpus[0].mig_profiles[4];
+    let table: &MigProfile = &inv.gpus[0].mig_profiles[2];
     assert_eq!((table.name.as_str(), table.gi_profile_id), ("3g.71gb", 9));
 }
 
