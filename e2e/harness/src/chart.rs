@@ -7,9 +7,10 @@
 //! fails here as it would for a user. The workloads it creates cannot run as
 //! pods here: the agent needs the node's kubelet directories and the
 //! controller a container, neither of which the kubelet emulator provides.
-//! `e2e/harness/local-cluster-values.yaml` therefore gives both a node
-//! selector no node carries, and each simulated node runs the agent (the
-//! harness the controller) as a local process with the identity the chart's
+//! `e2e/harness/local-cluster-values.yaml` therefore gives the DaemonSet a
+//! node selector no node carries and the Deployment no replicas, and each
+//! simulated node runs the agent (the harness the controller) as a local
+//! process with the identity the chart's
 //! workload would have. That identity is read from the installed manifest,
 //! so a permission the chart forgets fails the e2e suite with a 403 instead
 //! of passing on an admin credential.
