@@ -96,15 +96,16 @@ pub fn desired(domain_uid: &str, settings: &DaemonSettings) -> apps::DaemonSet {
         value_env("NVDRA_LOG", &settings.log_filter),
         value_env("NVDRA_LOG_FORMAT", settings.log_format.as_str()),
     ];
-    let ports = settings.metrics_port.map(|port| {
+    let mut ports = None;
+    if let Some(port) = settings.metrics_port {
         env.push(value_env("HTTP_ENDPOINT", &format!(":{port}")));
-        vec![core::ContainerPort {
+        ports = Some(vec![core::ContainerPort {
             name: Some(METRICS_PORT_NAME.to_owned()),
             container_port: i32::from(port),
             protocol: Some("TCP".to_owned()),
             ..Default::default()
-        }]
-    });
+        }]);
+    }
     let container = core::Container {
         name: objects::DAEMON_CONTAINER.to_owned(),
         image: Some(settings.image.clone()),

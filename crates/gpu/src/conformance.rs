@@ -17,7 +17,6 @@ use crate::backend::{GpuInventory, Inventory};
 use crate::device::{is_canonical_pci_bus_id, is_pcie_root};
 use crate::fake::GpuModel;
 use crate::mig::MigProfile;
-use crate::naming::gpu_device_name;
 
 /// Checks the invariants the [`crate::GpuBackend`] contract and the data
 /// types promise. Returns one finding per violation.
@@ -41,7 +40,9 @@ pub fn check_inventory(inv: &Inventory) -> Vec<String> {
     }
     let mut minors = BTreeSet::new();
     let mut uuids = BTreeSet::new();
-    let mut names = BTreeSet::new();
+    // Full GPUs are named by minor (checked above); MIG devices by parent, profile and
+    // placement, which overlapping or repeated MIG devices would repeat.
+    let mut mig_names = BTreeSet::new();
     for gpu in &inv.gpus {
         let g = &gpu.info;
         let who = format!("GPU index {} ({})", g.index, g.uuid);
@@ -81,25 +82,10 @@ pub fn check_inventory(inv: &Inventory) -> Vec<String> {
         if !g.mig_enabled && !gpu.mig_devices.is_empty() {
             bad(format!("{who}: MIG devices while MIG is disabled"));
         }
-        if let Some(fabric) = &gpu.fabric
-            && fabric.is_ready()
-            && fabric.clique_id().is_none()
-            && !fabric.cluster_uuid.is_zero()
-        {
-            bad(format!(
-                "{who}: fabric ready in a cluster but without a clique ID"
-            ));
-        }
         check_profiles(&who, gpu, &mut bad);
-        if !g.mig_enabled && !names.insert(gpu_device_name(g.minor)) {
-            bad(format!(
-                "{who}: device name {} is not unique",
-                gpu_device_name(g.minor)
-            ));
-        }
         for m in &gpu.mig_devices {
             let name = m.device_name();
-            if !names.insert(name.clone()) {
+            if !mig_names.insert(name.clone()) {
                 bad(format!("{who}: device name {name} is not unique"));
             }
         }
