@@ -1,7 +1,7 @@
 //! The [`GpuBackend`] trait: everything the node agent asks of the hardware.
 //!
-//! Two implementations exist: [`crate::NvmlBackend`] (real GPUs, read-only
-//! for now) and [`crate::FakeBackend`] (deterministic, from a profile).
+//! Two implementations exist: [`crate::NvmlBackend`] (real GPUs) and
+//! [`crate::FakeBackend`] (deterministic, from a profile).
 //! The agent holds an `Arc<dyn GpuBackend>` and never learns which one.
 //!
 //! Contract for implementors:
@@ -11,7 +11,12 @@
 //! - GPUs are returned sorted by NVML index, MIG devices by
 //!   (GPU-instance ID, compute-instance ID), profiles in NVML's order;
 //! - an unsupported feature is an empty answer (`None`, empty list), not an
-//!   error; an error means the question could not be answered.
+//!   error; an error means the question could not be answered;
+//! - the three MIG changes ([`GpuBackend::set_mig_mode`],
+//!   [`GpuBackend::create_mig_device`], [`GpuBackend::destroy_mig_device`])
+//!   report a driver refusal as [`Error::MigRefused`] with the same
+//!   [`crate::mig::MigRefusal`] on every backend, and leave nothing half
+//!   created behind. Everything else only reads.
 
 use std::path::Path;
 
@@ -24,7 +29,7 @@ use crate::imex::ImexInfo;
 use crate::mig::{MigDeviceInfo, MigProfile};
 use crate::nodes::{self, DeviceNode, MigCapabilities};
 
-/// Read access to a node's GPUs.
+/// Access to a node's GPUs: reads, and the MIG changes.
 pub trait GpuBackend: Send + Sync {
     /// Driver version and CUDA driver version.
     fn driver(&self) -> Result<DriverInfo, Error>;
@@ -47,6 +52,22 @@ pub trait GpuBackend: Send + Sync {
 
     /// IMEX channel count and the device numbers of channel and capability nodes.
     fn imex(&self) -> Result<ImexInfo, Error>;
+
+    /// Turns MIG mode on or off on `gpu`. Turning it off is refused while
+    /// MIG instances exist.
+    fn set_mig_mode(&self, gpu: &GpuInfo, enabled: bool) -> Result<(), Error>;
+
+    /// Creates a MIG device on `gpu`: a GPU instance of `gi_profile_id` at
+    /// `placement_start` and one compute instance spanning it.
+    fn create_mig_device(
+        &self,
+        gpu: &GpuInfo,
+        gi_profile_id: u32,
+        placement_start: u32,
+    ) -> Result<MigDeviceInfo, Error>;
+
+    /// Destroys `mig`'s compute instance and then its GPU instance.
+    fn destroy_mig_device(&self, mig: &MigDeviceInfo) -> Result<(), Error>;
 
     /// Root under which `/dev` holds the device nodes (`/` or the driver
     /// root).

@@ -120,6 +120,16 @@ pub enum Error {
         op: String,
     },
 
+    /// A MIG change was refused by the driver (or the fake model of it).
+    #[error("cannot {op} on GPU {gpu}: {refusal}")]
+    MigRefused {
+        /// What was attempted, e.g. `create MIG device 1g.10gb at placement 3`.
+        op: String,
+        /// The GPU's UUID.
+        gpu: String,
+        /// Why it was refused.
+        refusal: crate::mig::MigRefusal,
+    },
     /// The backend has no GPU with this UUID.
     #[error("no GPU with UUID {uuid}")]
     UnknownGpu {

@@ -1,9 +1,11 @@
 //! [`FakeBackend`]: a deterministic [`GpuBackend`] serving one node described
 //! by a profile (see [`profile`]), for tests and `--device-backend=fake`.
 //!
-//! The profile is validated and expanded once, at construction; afterwards
-//! every answer is a clone of that snapshot, so the backend never fails
-//! except for questions about GPUs it does not have ([`Error::UnknownGpu`]).
+//! The profile is validated and expanded once, at construction, into a
+//! [`FakeNode`]; reads are clones of its state, so they never fail except
+//! for questions about GPUs the node does not have ([`Error::UnknownGpu`]).
+//! MIG changes follow the driver's rules as [`FakeNode`] models them. Clones
+//! of a backend share one node, as two handles to one machine's GPUs would.
 //! MIG capability minors follow the driver's fixed minor layout
 //! ([`MigCapabilities::from_driver_layout`]) instead of reading procfs, and
 //! IMEX device numbers are fixed ([`crate::imex::fake_numbers`]); the channel
@@ -14,19 +16,22 @@
 //! a node without files.
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use crate::Error;
 use crate::backend::{GpuBackend, GpuInventory, Inventory};
 use crate::device::{DriverInfo, GpuInfo};
 use crate::fabric::FabricInfo;
 use crate::imex::ImexInfo;
-use crate::mig::{MigDeviceInfo, MigProfile};
+use crate::mig::{MigDeviceInfo, MigProfile, MigRefusal};
 use crate::nodes::MigCapabilities;
 
 pub mod models;
+pub mod node;
 pub mod profile;
 
 pub use models::{GpuModel, ModelSpec};
+pub use node::FakeNode;
 pub use profile::{FakeDriver, FakeGpu, FakeMigDevice, FakeProfile};
 
 /// The shipped profiles, by name (file name without `.yaml`).
@@ -47,7 +52,7 @@ pub const BUILTIN_PROFILES: [(&str, &str); 5] = [
 /// A backend answering from a validated profile.
 #[derive(Debug, Clone)]
 pub struct FakeBackend {
-    inventory: Inventory,
+    node: Arc<Mutex<FakeNode>>,
     imex: ImexInfo,
     dev_root: PathBuf,
 }
@@ -72,7 +77,7 @@ impl FakeBackend {
     /// Validates a profile built in code; `origin` names it in errors.
     pub fn from_profile(profile: &FakeProfile, origin: &str) -> Result<Self, Error> {
         Ok(Self {
-            inventory: profile.resolve(origin)?,
+            node: Arc::new(Mutex::new(FakeNode::new(profile.resolve(origin)?))),
             imex: ImexInfo::fake(profile.imex_channel_count()),
             dev_root: PathBuf::from("/"),
         })
@@ -92,36 +97,101 @@ impl FakeBackend {
         self
     }
 
-    fn gpu(&self, gpu: &GpuInfo) -> Result<&GpuInventory, Error> {
-        self.inventory
+    fn node(&self) -> MutexGuard<'_, FakeNode> {
+        // The node's state is valid after every completed change, so a
+        // panic elsewhere while holding the lock leaves nothing to repair.
+        self.node.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn gpu<T>(&self, gpu: &GpuInfo, f: impl FnOnce(&GpuInventory) -> T) -> Result<T, Error> {
+        let node = self.node();
+        node.inventory
             .gpus
             .iter()
             .find(|g| g.info.uuid == gpu.uuid)
+            .map(f)
             .ok_or_else(|| Error::UnknownGpu {
                 uuid: gpu.uuid.clone(),
             })
+    }
+
+    /// Runs a MIG change on the GPU with `uuid`.
+    fn change<T>(
+        &self,
+        uuid: &str,
+        op: impl FnOnce() -> String,
+        f: impl FnOnce(&mut FakeNode, usize) -> Result<T, MigRefusal>,
+    ) -> Result<T, Error> {
+        let mut node = self.node();
+        let index = node.gpu_index(uuid).ok_or_else(|| Error::UnknownGpu {
+            uuid: uuid.to_owned(),
+        })?;
+        f(&mut node, index).map_err(|refusal| Error::MigRefused {
+            op: op(),
+            gpu: uuid.to_owned(),
+            refusal,
+        })
     }
 }
 
 impl GpuBackend for FakeBackend {
     fn driver(&self) -> Result<DriverInfo, Error> {
-        Ok(self.inventory.driver.clone())
+        Ok(self.node().inventory.driver.clone())
     }
 
     fn gpus(&self) -> Result<Vec<GpuInfo>, Error> {
-        Ok(self.inventory.gpus.iter().map(|g| g.info.clone()).collect())
+        let node = self.node();
+        Ok(node.inventory.gpus.iter().map(|g| g.info.clone()).collect())
     }
 
     fn mig_devices(&self, gpu: &GpuInfo) -> Result<Vec<MigDeviceInfo>, Error> {
-        Ok(self.gpu(gpu)?.mig_devices.clone())
+        self.gpu(gpu, |g| g.mig_devices.clone())
     }
 
     fn mig_profiles(&self, gpu: &GpuInfo) -> Result<Vec<MigProfile>, Error> {
-        Ok(self.gpu(gpu)?.mig_profiles.clone())
+        self.gpu(gpu, |g| g.mig_profiles.clone())
     }
 
     fn fabric(&self, gpu: &GpuInfo) -> Result<Option<FabricInfo>, Error> {
-        Ok(self.gpu(gpu)?.fabric)
+        self.gpu(gpu, |g| g.fabric)
+    }
+
+    fn set_mig_mode(&self, gpu: &GpuInfo, enabled: bool) -> Result<(), Error> {
+        self.change(
+            &gpu.uuid,
+            || format!("set MIG mode {}", if enabled { "on" } else { "off" }),
+            |node, i| node.set_mig_mode(i, enabled),
+        )
+    }
+
+    fn create_mig_device(
+        &self,
+        gpu: &GpuInfo,
+        gi_profile_id: u32,
+        placement_start: u32,
+    ) -> Result<MigDeviceInfo, Error> {
+        self.change(
+            &gpu.uuid,
+            || create_op(gi_profile_id, placement_start),
+            |node, i| {
+                let gi = node.create_gpu_instance(i, gi_profile_id, placement_start)?;
+                node.create_compute_instance(i, gi).inspect_err(|_| {
+                    // Leave no bare GPU instance behind; it was just created.
+                    let _ = node.destroy_gpu_instance(i, gi);
+                })
+            },
+        )
+    }
+
+    fn destroy_mig_device(&self, mig: &MigDeviceInfo) -> Result<(), Error> {
+        self.change(
+            &mig.parent_uuid,
+            || destroy_op(mig),
+            |node, i| {
+                node.destroy_compute_instance(i, mig.gi_id, mig.ci_id)?;
+                node.destroy_gpu_instance(i, mig.gi_id)
+            },
+        )
     }
 
     fn mig_capabilities(&self, mig: &MigDeviceInfo) -> Result<MigCapabilities, Error> {
@@ -141,6 +211,19 @@ impl GpuBackend for FakeBackend {
     }
 
     fn inventory(&self) -> Result<Inventory, Error> {
-        Ok(self.inventory.clone())
+        Ok(self.node().inventory.clone())
     }
+}
+
+/// How a MIG device creation is named in errors, by every backend.
+pub(crate) fn create_op(gi_profile_id: u32, placement_start: u32) -> String {
+    format!("create MIG device of profile {gi_profile_id} at placement {placement_start}")
+}
+
+/// How a MIG device destruction is named in errors, by every backend.
+pub(crate) fn destroy_op(mig: &MigDeviceInfo) -> String {
+    format!(
+        "destroy MIG device {} (GI {}, CI {})",
+        mig.uuid, mig.gi_id, mig.ci_id
+    )
 }

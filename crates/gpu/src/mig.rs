@@ -206,6 +206,108 @@ pub(crate) fn profile_name(ci_slices: u32, gi_slices: u32, gb: u64, suffix: &str
     }
 }
 
+/// NVML's GPU-instance profile index (`NVML_GPU_INSTANCE_PROFILE_*`) of
+/// the GPU-instance profile ID `gi_profile_id`, for the IDs every MIG GPU
+/// NVIDIA ships so far uses (A100, H100, H200, GB200: 19 = 1g, 14 = 2g,
+/// 9 = 3g, 5 = 4g, 0 = 7g, 20 = 1g+me, 15 = 1g with double memory). The
+/// mock NVML library answers profile queries by index with it.
+pub fn profile_index_of_id(gi_profile_id: u32) -> Option<u32> {
+    use profile_index::*;
+    Some(match gi_profile_id {
+        19 => SLICE_1,
+        14 => SLICE_2,
+        9 => SLICE_3,
+        5 => SLICE_4,
+        0 => SLICE_7,
+        20 => SLICE_1_REV1,
+        15 => SLICE_1_REV2,
+        _ => return None,
+    })
+}
+
+/// NVML's compute-instance profile index (`NVML_COMPUTE_INSTANCE_PROFILE_*`)
+/// of a compute instance spanning `slices` compute slices.
+pub fn ci_profile_index_of_slices(slices: u32) -> Option<u32> {
+    Some(match slices {
+        1 => 0,
+        2 => 1,
+        3 => 2,
+        4 => 3,
+        7 => 4,
+        8 => 5,
+        6 => 6,
+        _ => return None,
+    })
+}
+
+/// Why a MIG change (mode switch, instance create or destroy) was refused,
+/// in NVML's terms: each reason is one NVML return code, so the fake
+/// backend, the mock NVML library and the NVML backend report a refusal
+/// identically.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum MigRefusal {
+    /// MIG is off on the GPU, or the GPU cannot do MIG
+    /// (`NVML_ERROR_NOT_SUPPORTED`).
+    NotSupported,
+    /// No such profile or placement on this GPU (`NVML_ERROR_INVALID_ARGUMENT`).
+    InvalidArgument,
+    /// The placement overlaps an existing instance, or the profile's
+    /// instances are used up (`NVML_ERROR_INSUFFICIENT_RESOURCES`).
+    InsufficientResources,
+    /// MIG instances still exist, so MIG cannot be turned off
+    /// (`NVML_ERROR_IN_USE`).
+    InUse,
+    /// No such GPU or compute instance (`NVML_ERROR_NOT_FOUND`).
+    NotFound,
+}
+
+impl MigRefusal {
+    /// The NVML return code (`nvmlReturn_t`) that carries this refusal.
+    pub fn nvml_code(self) -> u32 {
+        use nvml_wrapper_sys::bindings as sys;
+        match self {
+            Self::InvalidArgument => sys::nvmlReturn_enum_NVML_ERROR_INVALID_ARGUMENT,
+            Self::NotSupported => sys::nvmlReturn_enum_NVML_ERROR_NOT_SUPPORTED,
+            Self::NotFound => sys::nvmlReturn_enum_NVML_ERROR_NOT_FOUND,
+            Self::InUse => sys::nvmlReturn_enum_NVML_ERROR_IN_USE,
+            Self::InsufficientResources => sys::nvmlReturn_enum_NVML_ERROR_INSUFFICIENT_RESOURCES,
+        }
+    }
+
+    /// The refusal an NVML error stands for; `None` for errors that are not
+    /// refusals (timeouts, driver failures, ...). nvml-wrapper has no
+    /// variant for `NVML_ERROR_INSUFFICIENT_RESOURCES` and passes it through
+    /// as an unexpected value.
+    pub fn from_nvml(error: &nvml_wrapper::error::NvmlError) -> Option<Self> {
+        use nvml_wrapper::error::NvmlError as E;
+        use nvml_wrapper_sys::bindings as sys;
+        Some(match error {
+            E::NotSupported => Self::NotSupported,
+            E::InvalidArg => Self::InvalidArgument,
+            E::UnexpectedVariant(sys::nvmlReturn_enum_NVML_ERROR_INSUFFICIENT_RESOURCES) => {
+                Self::InsufficientResources
+            }
+            E::InUse => Self::InUse,
+            E::NotFound => Self::NotFound,
+            _ => return None,
+        })
+    }
+}
+
+impl std::fmt::Display for MigRefusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::NotSupported => "MIG mode is off or the GPU does not support MIG",
+            Self::InvalidArgument => "no such MIG profile or placement on this GPU",
+            Self::InsufficientResources => {
+                "the placement overlaps an existing MIG instance or the profile has no instance left"
+            }
+            Self::InUse => "MIG instances still exist on the GPU",
+            Self::NotFound => "no such MIG instance",
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -260,6 +362,35 @@ mod tests {
         }
         assert_eq!(gi_slices_of_index(COUNT), None);
         assert_eq!(profile_name(1, 2, 20, ""), "1c.2g.20gb");
+    }
+
+    #[test]
+    fn profile_ids_map_to_indices_with_the_right_shape() {
+        for table in tables::MigTable::ALL {
+            for p in table.profiles() {
+                let index = profile_index_of_id(p.gi_profile_id).unwrap();
+                assert_eq!(gi_slices_of_index(index), Some(p.slice_count), "{}", p.name);
+                assert!(p.name.ends_with(suffix_of_index(index)), "{}", p.name);
+                assert!(ci_profile_index_of_slices(p.slice_count).is_some());
+            }
+        }
+        assert_eq!(profile_index_of_id(1), None);
+    }
+
+    #[test]
+    fn refusals_round_trip_through_nvml_codes() {
+        use nvml_wrapper::error::{NvmlError, nvml_try};
+        for r in [
+            MigRefusal::NotSupported,
+            MigRefusal::InvalidArgument,
+            MigRefusal::InsufficientResources,
+            MigRefusal::InUse,
+            MigRefusal::NotFound,
+        ] {
+            let err = nvml_try(r.nvml_code()).unwrap_err();
+            assert_eq!(MigRefusal::from_nvml(&err), Some(r), "{err:?}");
+        }
+        assert_eq!(MigRefusal::from_nvml(&NvmlError::Timeout), None);
     }
 
     #[test]

@@ -8,7 +8,9 @@
 //! gets [`Error::Timeout`] otherwise, so a hung driver can never block the
 //! agent. NVML is shut down when the backend is dropped.
 //!
-//! The backend is read-only: it never changes MIG mode or any other setting.
+//! The backend only reads, except in the three MIG changes of the trait
+//! (mode, create, destroy), which the agent makes only for dynamic MIG and
+//! the read-only hardware check never makes.
 //! Upstream conventions it follows: PCI bus IDs are canonicalised, the PCIe
 //! root comes from sysfs (missing → `None`, logged), MIG profile names are
 //! derived as go-nvlib derives them, unsupported features (MIG, fabric,
@@ -41,10 +43,11 @@ use crate::device::{
 };
 use crate::driver_root::DriverRoot;
 use crate::fabric::{ClusterUuid, FabricInfo, FabricState, FabricStatus};
+use crate::fake::{create_op, destroy_op};
 use crate::imex::{ImexInfo, ImexReader};
 use crate::mig::{
-    MigCapacities, MigDeviceInfo, MigPlacement, MigProfile, gi_slices_of_index, mig_memory_gb,
-    profile_index, profile_name, suffix_of_index,
+    MigCapacities, MigDeviceInfo, MigPlacement, MigProfile, MigRefusal, ci_profile_index_of_slices,
+    gi_slices_of_index, mig_memory_gb, profile_index, profile_name, suffix_of_index,
 };
 use crate::nodes::{CapabilityReader, MigCapabilities};
 use crate::pcie::pcie_root;
@@ -191,6 +194,99 @@ impl GpuBackend for NvmlBackend {
             })
     }
 
+    fn set_mig_mode(&self, gpu: &GpuInfo, enabled: bool) -> Result<(), Error> {
+        let uuid = gpu.uuid.clone();
+        let op = format!("set MIG mode {}", if enabled { "on" } else { "off" });
+        self.worker.call(format!("{op} of {uuid}"), move |s| {
+            let device = device_by_uuid(&s.nvml, &uuid)?;
+            let refused = mig_refusal(op, &uuid, "nvmlDeviceSetMigMode");
+            match device.set_mig_mode(enabled) {
+                // The activation status: non-zero means the change waits
+                // for a GPU reset, which counts as not done.
+                Ok(status) => nvml_wrapper::error::nvml_try(status).map_err(refused),
+                Err(e) => Err(refused(e)),
+            }
+        })
+    }
+
+    fn create_mig_device(
+        &self,
+        gpu: &GpuInfo,
+        gi_profile_id: u32,
+        placement_start: u32,
+    ) -> Result<MigDeviceInfo, Error> {
+        let gpu = gpu.clone();
+        let op = create_op(gi_profile_id, placement_start);
+        self.worker.call(format!("{op} on {}", gpu.uuid), move |s| {
+            let device = device_by_uuid(&s.nvml, &gpu.uuid)?;
+            let profiles = mig_profiles(s, &device, &gpu)?;
+            let invalid = || Error::MigRefused {
+                op: op.clone(),
+                gpu: gpu.uuid.clone(),
+                refusal: MigRefusal::InvalidArgument,
+            };
+            let profile = profiles
+                .iter()
+                .find(|p| p.gi_profile_id == gi_profile_id)
+                .ok_or_else(invalid)?;
+            let placement = profile
+                .placements
+                .iter()
+                .find(|p| p.start == placement_start)
+                .ok_or_else(invalid)?;
+            let ci_profile = ci_profile_index_of_slices(profile.slice_count).ok_or_else(invalid)?;
+            let gi_id =
+                raw::create_gpu_instance(&device, gi_profile_id, placement.start, placement.size)
+                    .map_err(mig_refusal(
+                    op.clone(),
+                    &gpu.uuid,
+                    "nvmlDeviceCreateGpuInstanceWithPlacement",
+                ))?;
+            let ci_id = match raw::create_compute_instance(&device, gi_id, ci_profile) {
+                Ok(ci_id) => ci_id,
+                Err(e) => {
+                    // Leave no bare GPU instance behind; it was just created.
+                    if let Err(undo) = raw::destroy_gpu_instance(&device, gi_id) {
+                        tracing::warn!(gpu = %gpu.uuid, gi_id, error = %undo,
+                            "cannot destroy the GPU instance of a failed MIG device creation");
+                    }
+                    return Err(mig_refusal(
+                        op,
+                        &gpu.uuid,
+                        "nvmlGpuInstanceCreateComputeInstance",
+                    )(e));
+                }
+            };
+            let mut current = gpu.clone();
+            current.mig_enabled = true;
+            mig_devices(&device, &current, &profiles)?
+                .into_iter()
+                .find(|m| m.gi_id == gi_id && m.ci_id == ci_id)
+                .ok_or_else(|| Error::NvmlData {
+                    op,
+                    reason: format!("GI {gi_id} CI {ci_id} was created but is not listed"),
+                })
+        })
+    }
+
+    fn destroy_mig_device(&self, mig: &MigDeviceInfo) -> Result<(), Error> {
+        let mig = mig.clone();
+        let op = destroy_op(&mig);
+        self.worker.call(op.clone(), move |s| {
+            let device = device_by_uuid(&s.nvml, &mig.parent_uuid)?;
+            raw::destroy_compute_instance(&device, mig.gi_id, mig.ci_id).map_err(mig_refusal(
+                op.clone(),
+                &mig.parent_uuid,
+                "nvmlComputeInstanceDestroy",
+            ))?;
+            raw::destroy_gpu_instance(&device, mig.gi_id).map_err(mig_refusal(
+                op,
+                &mig.parent_uuid,
+                "nvmlGpuInstanceDestroy",
+            ))
+        })
+    }
+
     fn mig_capabilities(&self, mig: &MigDeviceInfo) -> Result<MigCapabilities, Error> {
         self.capabilities
             .mig(mig.parent_minor, mig.gi_id, mig.ci_id)
@@ -268,6 +364,20 @@ fn device_by_uuid<'n>(nvml: &'n Nvml, uuid: &str) -> Result<Device<'n>, Error> {
             uuid: uuid.to_owned(),
         }),
         Err(e) => Err(Error::nvml(format!("nvmlDeviceGetHandleByUUID({uuid})"))(e)),
+    }
+}
+
+/// Maps an NVML error of a MIG change: a refusal becomes
+/// [`Error::MigRefused`] (as the fake backend reports it), anything else
+/// an [`Error::NvmlCall`] naming `call`.
+fn mig_refusal(op: String, gpu: &str, call: &'static str) -> impl FnOnce(NvmlError) -> Error {
+    let gpu = gpu.to_owned();
+    move |source| match MigRefusal::from_nvml(&source) {
+        Some(refusal) => Error::MigRefused { op, gpu, refusal },
+        None => Error::NvmlCall {
+            op: format!("{call}({gpu})"),
+            source,
+        },
     }
 }
 

@@ -292,6 +292,20 @@ impl GpuBackend for PerMethod {
     fn imex(&self) -> Result<nvdra_gpu::ImexInfo, Error> {
         self.0.imex()
     }
+    fn set_mig_mode(&self, gpu: &GpuInfo, enabled: bool) -> Result<(), Error> {
+        self.0.set_mig_mode(gpu, enabled)
+    }
+    fn create_mig_device(
+        &self,
+        gpu: &GpuInfo,
+        gi_profile_id: u32,
+        placement_start: u32,
+    ) -> Result<MigDeviceInfo, Error> {
+        self.0.create_mig_device(gpu, gi_profile_id, placement_start)
+    }
+    fn destroy_mig_device(&self, mig: &MigDeviceInfo) -> Result<(), Error> {
+        self.0.destroy_mig_device(mig)
+    }
     fn dev_root(&self) -> &Path {
         self.0.dev_root()
     }

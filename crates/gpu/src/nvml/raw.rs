@@ -8,7 +8,8 @@
 //! `nvmlDeviceGetGpuInstanceById` + `nvmlGpuInstanceGetInfo`, and
 //! `nvmlDeviceGetGpuInstancePossiblePlacements_v2` (nvml-wrapper's own
 //! version never sets the length of the vector it returns, so it always
-//! answers "no placements").
+//! answers "no placements"), and the MIG changes: GPU-instance creation
+//! with a placement, compute-instance creation, and both destructions.
 //!
 //! Invariants every unsafe block relies on:
 //! - symbols come from `Nvml::lib()`, resolved by libloading against the
@@ -156,15 +157,8 @@ pub(super) struct RawGpuInstance {
 /// `nvmlDeviceGetGpuInstanceById` then `nvmlGpuInstanceGetInfo` on the
 /// parent GPU.
 pub(super) fn gpu_instance(parent: &Device<'_>, gi_id: u32) -> Result<RawGpuInstance, NvmlError> {
-    let lib = parent.nvml().lib();
-    let by_id = nvml_sym(lib.nvmlDeviceGetGpuInstanceById.as_ref())?;
-    let get_info = nvml_sym(lib.nvmlGpuInstanceGetInfo.as_ref())?;
-    let mut gi: sys::nvmlGpuInstance_t = std::ptr::null_mut();
-    // SAFETY: bindgen signature; live parent handle; `gi` is a valid
-    // out-pointer. The GI handle NVML returns is owned by NVML and stays valid
-    // while the GPU instance exists; it is used only in the next call.
-    let ret = unsafe { by_id(handle(parent), gi_id, &mut gi) };
-    nvml_try(ret)?;
+    let get_info = nvml_sym(parent.nvml().lib().nvmlGpuInstanceGetInfo.as_ref())?;
+    let gi = gpu_instance_handle(parent, gi_id)?;
     let mut info = sys::nvmlGpuInstanceInfo_t {
         device: std::ptr::null_mut(),
         id: 0,
@@ -219,4 +213,117 @@ pub(super) fn possible_placements(
     nvml_try(ret)?;
     placements.truncate(count as usize);
     Ok(placements.into_iter().map(|p| (p.start, p.size)).collect())
+}
+
+/// The GPU-instance handle of GI `gi_id` on `parent`.
+fn gpu_instance_handle(
+    parent: &Device<'_>,
+    gi_id: u32,
+) -> Result<sys::nvmlGpuInstance_t, NvmlError> {
+    let by_id = nvml_sym(parent.nvml().lib().nvmlDeviceGetGpuInstanceById.as_ref())?;
+    let mut gi: sys::nvmlGpuInstance_t = std::ptr::null_mut();
+    // SAFETY: bindgen signature; live parent handle; `gi` is a valid
+    // out-pointer. NVML owns the returned handle; it stays valid while the
+    // GPU instance exists, and callers use it only within this module's
+    // calls on the same worker thread.
+    let ret = unsafe { by_id(handle(parent), gi_id, &mut gi) };
+    nvml_try(ret).map(|()| gi)
+}
+
+/// `nvmlDeviceCreateGpuInstanceWithPlacement`; returns the new GI's ID
+/// (from `nvmlGpuInstanceGetInfo`).
+pub(super) fn create_gpu_instance(
+    device: &Device<'_>,
+    profile_id: u32,
+    start: u32,
+    size: u32,
+) -> Result<u32, NvmlError> {
+    let lib = device.nvml().lib();
+    let create = nvml_sym(lib.nvmlDeviceCreateGpuInstanceWithPlacement.as_ref())?;
+    let get_info = nvml_sym(lib.nvmlGpuInstanceGetInfo.as_ref())?;
+    let placement = sys::nvmlGpuInstancePlacement_t { start, size };
+    let mut gi: sys::nvmlGpuInstance_t = std::ptr::null_mut();
+    // SAFETY: bindgen signature; live handle; `placement` is a valid input
+    // that outlives the call; `gi` is a valid out-pointer.
+    let ret = unsafe { create(handle(device), profile_id, &placement, &mut gi) };
+    nvml_try(ret)?;
+    let mut info = sys::nvmlGpuInstanceInfo_t {
+        device: std::ptr::null_mut(),
+        id: 0,
+        profileId: 0,
+        placement: sys::nvmlGpuInstancePlacement_t { start: 0, size: 0 },
+    };
+    // SAFETY: `gi` was just returned by NVML; `info` is a valid out-parameter.
+    let ret = unsafe { get_info(gi, &mut info) };
+    nvml_try(ret).map(|()| info.id)
+}
+
+/// Creates the compute instance spanning all `slices` compute slices of GPU
+/// instance `gi_id` (shared engines); returns its CI ID.
+pub(super) fn create_compute_instance(
+    device: &Device<'_>,
+    gi_id: u32,
+    ci_profile_index: u32,
+) -> Result<u32, NvmlError> {
+    let lib = device.nvml().lib();
+    let profile_info = nvml_sym(lib.nvmlGpuInstanceGetComputeInstanceProfileInfo.as_ref())?;
+    let create = nvml_sym(lib.nvmlGpuInstanceCreateComputeInstance.as_ref())?;
+    let get_info = nvml_sym(lib.nvmlComputeInstanceGetInfo_v2.as_ref())?;
+    let gi = gpu_instance_handle(device, gi_id)?;
+    let mut profile = sys::nvmlComputeInstanceProfileInfo_t {
+        id: 0,
+        sliceCount: 0,
+        instanceCount: 0,
+        multiprocessorCount: 0,
+        sharedCopyEngineCount: 0,
+        sharedDecoderCount: 0,
+        sharedEncoderCount: 0,
+        sharedJpegCount: 0,
+        sharedOfaCount: 0,
+    };
+    // SAFETY: bindgen signature; `gi` is live; `profile` is a valid
+    // out-parameter of the unversioned layout this symbol writes. Engine
+    // profile 0 is NVML_COMPUTE_INSTANCE_ENGINE_PROFILE_SHARED.
+    let ret = unsafe { profile_info(gi, ci_profile_index, 0, &mut profile) };
+    nvml_try(ret)?;
+    let mut ci: sys::nvmlComputeInstance_t = std::ptr::null_mut();
+    // SAFETY: bindgen signature; `gi` is live; `ci` is a valid out-pointer.
+    let ret = unsafe { create(gi, profile.id, &mut ci) };
+    nvml_try(ret)?;
+    let mut info = sys::nvmlComputeInstanceInfo_t {
+        device: std::ptr::null_mut(),
+        gpuInstance: std::ptr::null_mut(),
+        id: 0,
+        profileId: 0,
+        placement: sys::nvmlComputeInstancePlacement_t { start: 0, size: 0 },
+    };
+    // SAFETY: `ci` was just returned by NVML; `info` is a valid out-parameter.
+    let ret = unsafe { get_info(ci, &mut info) };
+    nvml_try(ret).map(|()| info.id)
+}
+
+/// Destroys compute instance `ci_id` of GPU instance `gi_id`.
+pub(super) fn destroy_compute_instance(
+    device: &Device<'_>,
+    gi_id: u32,
+    ci_id: u32,
+) -> Result<(), NvmlError> {
+    let lib = device.nvml().lib();
+    let by_id = nvml_sym(lib.nvmlGpuInstanceGetComputeInstanceById.as_ref())?;
+    let destroy = nvml_sym(lib.nvmlComputeInstanceDestroy.as_ref())?;
+    let gi = gpu_instance_handle(device, gi_id)?;
+    let mut ci: sys::nvmlComputeInstance_t = std::ptr::null_mut();
+    // SAFETY: bindgen signature; `gi` is live; `ci` is a valid out-pointer.
+    let ret = unsafe { by_id(gi, ci_id, &mut ci) };
+    nvml_try(ret)?;
+    // SAFETY: `ci` was just returned by NVML; it is not used afterwards.
+    nvml_try(unsafe { destroy(ci) })
+}
+
+/// Destroys GPU instance `gi_id` (which must have no compute instance).
+pub(super) fn destroy_gpu_instance(device: &Device<'_>, gi_id: u32) -> Result<(), NvmlError> {
+    let destroy = nvml_sym(device.nvml().lib().nvmlGpuInstanceDestroy.as_ref())?;
+    let gi = gpu_instance_handle(device, gi_id)?;
+    // SAFETY: `gi` was just returned by NVML; it is not used afterwards.
+    nvml_try(unsafe { destroy(gi) })
 }
