@@ -71,6 +71,16 @@ impl FabricState {
             _ => return None,
         })
     }
+
+    /// NVML's state byte (the inverse of [`FabricState::from_nvml`]).
+    pub fn to_nvml(self) -> u8 {
+        match self {
+            Self::NotSupported => 0,
+            Self::NotStarted => 1,
+            Self::InProgress => 2,
+            Self::Completed => 3,
+        }
+    }
 }
 
 impl fmt::Display for FabricState {

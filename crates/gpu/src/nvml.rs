@@ -220,28 +220,31 @@ impl GpuBackend for NvmlBackend {
         self.worker.call(format!("{op} on {}", gpu.uuid), move |s| {
             let device = device_by_uuid(&s.nvml, &gpu.uuid)?;
             let profiles = mig_profiles(s, &device, &gpu)?;
-            let invalid = || Error::MigRefused {
-                op: op.clone(),
-                gpu: gpu.uuid.clone(),
-                refusal: MigRefusal::InvalidArgument,
-            };
-            let profile = profiles
-                .iter()
-                .find(|p| p.gi_profile_id == gi_profile_id)
-                .ok_or_else(invalid)?;
-            let placement = profile
-                .placements
-                .iter()
-                .find(|p| p.start == placement_start)
-                .ok_or_else(invalid)?;
-            let ci_profile = ci_profile_index_of_slices(profile.slice_count).ok_or_else(invalid)?;
-            let gi_id =
-                raw::create_gpu_instance(&device, gi_profile_id, placement.start, placement.size)
-                    .map_err(mig_refusal(
+            // The placement's size comes from the profile table. For a
+            // profile or start the table lacks, NVML still gets the call
+            // (size 0) so that the driver's own verdict (MIG off, no MIG,
+            // invalid argument) is what the caller sees.
+            let profile = profiles.iter().find(|p| p.gi_profile_id == gi_profile_id);
+            let size = profile
+                .and_then(|p| p.placements.iter().find(|p| p.start == placement_start))
+                .map_or(0, |p| p.size);
+            let gi_id = raw::create_gpu_instance(&device, gi_profile_id, placement_start, size)
+                .map_err(mig_refusal(
                     op.clone(),
                     &gpu.uuid,
                     "nvmlDeviceCreateGpuInstanceWithPlacement",
                 ))?;
+            let ci_profile = profile.and_then(|p| ci_profile_index_of_slices(p.slice_count));
+            let Some(ci_profile) = ci_profile else {
+                let _ = raw::destroy_gpu_instance(&device, gi_id);
+                return Err(Error::NvmlData {
+                    op,
+                    reason: format!(
+                        "NVML created a GPU instance of profile {gi_profile_id}, \
+                         which is not in the GPU's profile table; destroyed it again"
+                    ),
+                });
+            };
             let ci_id = match raw::create_compute_instance(&device, gi_id, ci_profile) {
                 Ok(ci_id) => ci_id,
                 Err(e) => {

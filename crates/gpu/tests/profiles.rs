@@ -301,7 +301,8 @@ impl GpuBackend for PerMethod {
         gi_profile_id: u32,
         placement_start: u32,
     ) -> Result<MigDeviceInfo, Error> {
-        self.0.create_mig_device(gpu, gi_profile_id, placement_start)
+        self.0
+            .create_mig_device(gpu, gi_profile_id, placement_start)
     }
     fn destroy_mig_device(&self, mig: &MigDeviceInfo) -> Result<(), Error> {
         self.0.destroy_mig_device(mig)

@@ -1,0 +1,285 @@
+//! The equivalence suite: the same questions and MIG changes put to the
+//! `FakeBackend` and to the `NvmlBackend` over the mock library, for every
+//! built-in profile, must get identical answers. The fake backend is what
+//! every test above the device layer trusts; this suite is what ties it to
+//! the code that runs on real nodes.
+//!
+//! Each test copies the mock library into its own temporary driver root
+//! (a copy is a separate library instance, so tests never share a node) as
+//! `usr/lib64/libnvidia-ml.so.1`, with its config, a sysfs tree giving the
+//! profile's PCIe roots, and a procfs root the mock keeps MIG capability
+//! files in. The NVML backend finds it by its normal driver-root discovery.
+
+// Test set-up helpers panic on failure, as the tests do.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::{Path, PathBuf};
+
+use nvdra_gpu::fake::BUILTIN_PROFILES;
+use nvdra_gpu::{
+    FakeBackend, GpuBackend, GpuInfo, Inventory, MigDeviceInfo, NvmlBackend, NvmlOptions,
+    conformance,
+};
+use nvdra_nvml_mock::config::{CONFIG_FILE, MockConfig};
+use pretty_assertions::assert_eq;
+
+/// The cdylib cargo built next to this test binary.
+fn mock_library() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let deps = exe.parent().unwrap();
+    [deps, deps.parent().unwrap()]
+        .into_iter()
+        .map(|d| d.join("libnvdra_nvml_mock.so"))
+        .find(|p| p.exists())
+        .expect("libnvdra_nvml_mock.so next to the test binary")
+}
+
+/// A driver root holding the mock library, configured for one profile.
+struct MockRoot {
+    dir: tempfile::TempDir,
+}
+
+impl MockRoot {
+    fn new(profile: &str) -> Self {
+        Self::with_state(profile, None)
+    }
+
+    fn with_state(profile: &str, state_file: Option<&Path>) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let lib_dir = dir.path().join("usr/lib64");
+        std::fs::create_dir_all(&lib_dir).unwrap();
+        std::fs::copy(mock_library(), lib_dir.join("libnvidia-ml.so.1")).unwrap();
+        let config = MockConfig {
+            profile: profile.to_owned(),
+            state_file: state_file.map(Path::to_owned),
+            proc_root: Some(dir.path().join("proc")),
+        };
+        std::fs::write(
+            lib_dir.join(CONFIG_FILE),
+            serde_saphyr::to_string(&config).unwrap(),
+        )
+        .unwrap();
+        // sysfs links like the kernel's, so PCIe roots resolve.
+        let devices = dir.path().join("sys/bus/pci/devices");
+        std::fs::create_dir_all(&devices).unwrap();
+        for gpu in fake(profile).inventory().unwrap().gpus {
+            if let Some(root) = &gpu.info.pcie_root {
+                let bdf = &gpu.info.pci_bus_id;
+                std::os::unix::fs::symlink(
+                    format!("../../../devices/{root}/{bdf}"),
+                    devices.join(bdf),
+                )
+                .unwrap();
+            }
+        }
+        Self { dir }
+    }
+
+    fn library(&self) -> PathBuf {
+        self.dir.path().join("usr/lib64/libnvidia-ml.so.1")
+    }
+
+    fn open(&self) -> NvmlBackend {
+        let mut options = NvmlOptions::new(self.dir.path());
+        options.sysfs_root = self.dir.path().join("sys");
+        options.proc_root = self.dir.path().join("proc");
+        NvmlBackend::new(options).unwrap()
+    }
+}
+
+fn fake(profile: &str) -> FakeBackend {
+    FakeBackend::builtin(profile).unwrap().unwrap()
+}
+
+/// Both backends' answer to one question, as comparable text: the value, or
+/// the error's message.
+fn same<T: PartialEq + std::fmt::Debug>(
+    what: &str,
+    fake: Result<T, nvdra_gpu::Error>,
+    nvml: Result<T, nvdra_gpu::Error>,
+) -> Result<T, String> {
+    let fake = fake.map_err(|e| e.to_string());
+    let nvml = nvml.map_err(|e| e.to_string());
+    assert_eq!(nvml, fake, "{what}");
+    fake
+}
+
+fn assert_same_inventory(what: &str, fake: &FakeBackend, nvml: &NvmlBackend) -> Inventory {
+    let inventory = same(what, fake.inventory(), nvml.inventory()).unwrap();
+    assert_eq!(
+        conformance::check_inventory(&inventory),
+        Vec::<String>::new()
+    );
+    inventory
+}
+
+#[test]
+fn every_profile_reads_the_same() {
+    for (name, _) in BUILTIN_PROFILES {
+        let fake = fake(name);
+        let root = MockRoot::new(name);
+        let nvml = root.open();
+        let inventory = assert_same_inventory(name, &fake, &nvml);
+        same(name, fake.driver(), nvml.driver()).unwrap();
+        let gpus = same(name, fake.gpus(), nvml.gpus()).unwrap();
+        assert_eq!(gpus.len(), inventory.gpus.len());
+        for gpu in &gpus {
+            let at = format!("{name} GPU {}", gpu.index);
+            same(&at, fake.mig_profiles(gpu), nvml.mig_profiles(gpu)).unwrap();
+            same(&at, fake.fabric(gpu), nvml.fabric(gpu)).unwrap();
+            let migs = same(&at, fake.mig_devices(gpu), nvml.mig_devices(gpu)).unwrap();
+            for mig in &migs {
+                same(
+                    &mig.uuid,
+                    fake.mig_capabilities(mig),
+                    nvml.mig_capabilities(mig),
+                )
+                .unwrap();
+                same(
+                    &mig.uuid,
+                    fake.mig_device_nodes(mig),
+                    nvml.mig_device_nodes(mig),
+                )
+                .unwrap();
+            }
+            assert_eq!(nvml.gpu_device_nodes(gpu), fake.gpu_device_nodes(gpu));
+        }
+        // The library was found by discovery, as on a node.
+        assert_eq!(
+            nvml.driver_root().nvml_library,
+            std::fs::canonicalize(root.library()).unwrap()
+        );
+    }
+}
+
+/// One step of a MIG script, applied to a backend.
+#[derive(Debug, Clone)]
+enum Step {
+    Mode(usize, bool),
+    Create(usize, u32, u32),
+    Destroy(MigDeviceInfo),
+}
+
+fn apply(backend: &dyn GpuBackend, gpus: &[GpuInfo], step: &Step) -> Result<String, String> {
+    let r = match step {
+        Step::Mode(g, on) => backend.set_mig_mode(&gpus[*g], *on).map(|()| String::new()),
+        Step::Create(g, id, start) => backend
+            .create_mig_device(&gpus[*g], *id, *start)
+            .map(|m| format!("{m:?}")),
+        Step::Destroy(mig) => backend.destroy_mig_device(mig).map(|()| String::new()),
+    };
+    r.map_err(|e| e.to_string())
+}
+
+/// Runs `steps` on both backends, comparing every answer and the whole
+/// inventory after every step; returns the devices created.
+fn run_script(name: &str, fake: &FakeBackend, nvml: &NvmlBackend, steps: &[Step]) -> Vec<String> {
+    let gpus = fake.gpus().unwrap();
+    let mut answers = Vec::new();
+    for (k, step) in steps.iter().enumerate() {
+        let want = apply(fake, &gpus, step);
+        let got = apply(nvml, &gpus, step);
+        assert_eq!(got, want, "{name} step {k}: {step:?}");
+        assert_same_inventory(&format!("{name} after step {k}: {step:?}"), fake, nvml);
+        answers.push(match want {
+            Ok(v) => v,
+            Err(e) => format!("refused: {e}"),
+        });
+    }
+    answers
+}
+
+#[test]
+fn mig_changes_round_trip_identically() {
+    for (name, _) in BUILTIN_PROFILES {
+        let fake = fake(name);
+        let root = MockRoot::new(name);
+        let nvml = root.open();
+        let before = fake.inventory().unwrap();
+        let mut sweep = Vec::new();
+        for (g, gpu) in before.gpus.iter().enumerate() {
+            if !gpu.info.mig_capable {
+                // Every change is refused the same way on a GPU without MIG.
+                let steps = [Step::Mode(g, true), Step::Create(g, 19, 0)];
+                let answers = run_script(name, &fake, &nvml, &steps);
+                assert!(answers.iter().all(|a| a.contains("does not support MIG")));
+                continue;
+            }
+            // Sweep every profile × placement: a mix of created devices and
+            // refusals (overlaps, used-up profiles), identical on both.
+            let mut steps = vec![Step::Mode(g, true)];
+            for p in &gpu.mig_profiles {
+                for pl in &p.placements {
+                    steps.push(Step::Create(g, p.gi_profile_id, pl.start));
+                }
+            }
+            steps.push(Step::Create(g, 1, 0)); // no such profile
+            steps.push(Step::Create(g, 19, 99)); // no such placement
+            sweep.extend(run_script(name, &fake, &nvml, &steps));
+            let created: Vec<MigDeviceInfo> = fake.mig_devices(&gpu.info).unwrap();
+            if !created.is_empty() {
+                run_script(name, &fake, &nvml, &[Step::Mode(g, false)]);
+            }
+            // Destroy what did not exist before, newest first; then again.
+            let mut undo: Vec<Step> = created
+                .iter()
+                .filter(|m| !gpu.mig_devices.contains(m))
+                .rev()
+                .map(|m| Step::Destroy(m.clone()))
+                .collect();
+            if let Some(Step::Destroy(first)) = undo.first().cloned() {
+                undo.push(Step::Destroy(first)); // already gone
+            }
+            if !gpu.info.mig_enabled {
+                undo.push(Step::Mode(g, false));
+            }
+            run_script(name, &fake, &nvml, &undo);
+        }
+        if before.gpus.iter().any(|g| g.info.mig_capable) {
+            // The sweep exercised both outcomes.
+            assert!(
+                sweep.iter().any(|a| a.starts_with("MigDeviceInfo")),
+                "{name}"
+            );
+            assert!(
+                sweep
+                    .iter()
+                    .any(|a| a.contains("overlaps an existing MIG instance")),
+                "{name}"
+            );
+        }
+        // Every change was undone: both are back where they started.
+        assert_eq!(nvml.inventory().unwrap(), before, "{name}");
+    }
+}
+
+#[test]
+fn created_devices_survive_a_new_process_through_the_state_file() {
+    let state = tempfile::tempdir().unwrap();
+    let state_file = state.path().join("state.json");
+    let first = MockRoot::with_state("h100-sxm-80gb-x8", Some(&state_file));
+    let nvml = first.open();
+    let gpu = nvml.gpus().unwrap().remove(3);
+    nvml.set_mig_mode(&gpu, true).unwrap();
+    let mut gpu_now = gpu.clone();
+    gpu_now.mig_enabled = true;
+    let made = nvml.create_mig_device(&gpu_now, 9, 4).unwrap();
+    assert_eq!(made.device_name(), "gpu-3-mig-3g40gb-9-4");
+
+    // A second copy of the library is a fresh library instance, as after
+    // an agent restart: it knows the device only from the state file.
+    let second = MockRoot::with_state("h100-sxm-80gb-x8", Some(&state_file));
+    let restarted = second.open();
+    assert_eq!(restarted.mig_devices(&gpu_now).unwrap(), std::slice::from_ref(&made));
+    assert_eq!(
+        restarted.mig_capabilities(&made).unwrap(),
+        nvml.mig_capabilities(&made).unwrap()
+    );
+    restarted.destroy_mig_device(&made).unwrap();
+    restarted.set_mig_mode(&gpu_now, false).unwrap();
+    let third = MockRoot::with_state("h100-sxm-80gb-x8", Some(&state_file));
+    assert_eq!(
+        third.open().inventory().unwrap(),
+        fake("h100-sxm-80gb-x8").inventory().unwrap()
+    );
+}
