@@ -77,6 +77,16 @@ pub struct Args {
     #[arg(long, env = "NVDRA_FAKE_DEV_ROOT")]
     pub fake_dev_root: Option<PathBuf>,
 
+    /// With `--device-backend=nvml`: where the host's sysfs is mounted (PCIe
+    /// roots of the GPUs are read from `<sysfs>/bus/pci/devices`).
+    #[arg(long, env = "NVDRA_SYSFS_ROOT", default_value = "/sys")]
+    pub sysfs_root: PathBuf,
+
+    /// With `--device-backend=nvml`: where the host's procfs is mounted (MIG
+    /// capability minors, IMEX channel parameters).
+    #[arg(long, env = "NVDRA_PROC_ROOT", default_value = "/proc")]
+    pub proc_root: PathBuf,
+
     /// Feature gates, `Name=true,Other=false`.
     #[arg(long, env = "FEATURE_GATES", default_value = "")]
     pub feature_gates: FeatureGates,
@@ -180,6 +190,8 @@ mod tests {
             PathBuf::from("/var/lib/kubelet/plugins")
         );
         assert_eq!(args.device_backend, DeviceBackend::Nvml);
+        assert_eq!(args.sysfs_root, PathBuf::from("/sys"));
+        assert_eq!(args.proc_root, PathBuf::from("/proc"));
         assert_eq!(args.kube_api_qps, 5.0);
         assert_eq!(args.kube_api_burst, 10);
         assert_eq!(

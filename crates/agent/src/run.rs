@@ -521,12 +521,13 @@ fn builtin_profiles() -> String {
 fn open_backend(args: &Args) -> Result<Arc<dyn GpuBackend>, Error> {
     match args.device_backend {
         DeviceBackend::Nvml => {
-            let backend = NvmlBackend::new(NvmlOptions::new(&args.container_driver_root)).map_err(
-                |source| Error::OpenBackend {
-                    backend: "nvml",
-                    source,
-                },
-            )?;
+            let mut options = NvmlOptions::new(&args.container_driver_root);
+            options.sysfs_root.clone_from(&args.sysfs_root);
+            options.proc_root.clone_from(&args.proc_root);
+            let backend = NvmlBackend::new(options).map_err(|source| Error::OpenBackend {
+                backend: "nvml",
+                source,
+            })?;
             Ok(Arc::new(backend))
         }
         DeviceBackend::Fake => {

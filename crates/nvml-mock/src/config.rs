@@ -81,6 +81,9 @@ pub fn load(path: &Path) -> Result<Loaded, String> {
     let inventory = backend
         .inventory()
         .map_err(|e| format!("profile {:?}: {}", config.profile, chain(&e)))?;
+    let imex = backend
+        .imex()
+        .map_err(|e| format!("profile {:?}: {}", config.profile, chain(&e)))?;
     let mut node = FakeNode::new(inventory);
     let state_file = config.state_file.map(|f| dir.join(f));
     if let Some(file) = state_file.as_deref().filter(|f| f.exists()) {
@@ -108,6 +111,7 @@ pub fn load(path: &Path) -> Result<Loaded, String> {
     }
     let proc_root = config.proc_root.map(|p| dir.join(p));
     if let Some(root) = &proc_root {
+        crate::procfs::write_driver_files(root, &imex)?;
         crate::procfs::sync(root, &node)?;
     }
     Ok(Loaded {

@@ -1,6 +1,11 @@
-//! The procfs files the NVIDIA driver keeps for MIG devices, written under
-//! the config's `proc_root` so the agent's procfs readers (MIG capability
-//! minors, IMEX parameters) see a mock node as they see a real one.
+//! The procfs files the NVIDIA driver keeps, written under the config's
+//! `proc_root` so the agent's procfs readers (MIG capability minors, IMEX
+//! parameters and device numbers) see a mock node as they see a real one.
+//!
+//! At load, [`write_driver_files`] writes what the kernel module publishes
+//! once: `devices` (the character majors), `driver/nvidia/params`
+//! (`ImexChannelCount`) and the fabric management capability, with the
+//! numbers the fake backend reports ([`ImexInfo`]).
 //!
 //! The driver creates `driver/nvidia/capabilities/gpu<minor>/mig/gi<g>/access`
 //! and `.../gi<g>/ci<c>/access` (each holding `DeviceFileMinor: <m>`) when
@@ -11,8 +16,48 @@
 
 use std::path::Path;
 
-use nvdra_gpu::MigCapabilities;
 use nvdra_gpu::fake::FakeNode;
+use nvdra_gpu::imex::{CAPS_DEVICE, CHANNEL_COUNT_PARAM, CHANNELS_DEVICE};
+use nvdra_gpu::{ImexInfo, MigCapabilities};
+
+/// Writes the driver's load-time procfs files for `imex`.
+pub fn write_driver_files(proc_root: &Path, imex: &ImexInfo) -> Result<(), String> {
+    let mut devices = String::from("Character devices:\n195 nvidia\n");
+    for (major, name) in [
+        (imex.channels_major, CHANNELS_DEVICE),
+        (imex.caps_major, CAPS_DEVICE),
+    ] {
+        if let Some(major) = major {
+            devices.push_str(&format!("{major} {name}\n"));
+        }
+    }
+    devices.push_str("\nBlock devices:\n");
+    let mut files = vec![
+        ("devices".to_owned(), devices),
+        (
+            "driver/nvidia/params".to_owned(),
+            format!(
+                "ModifyDeviceFiles: 1\n{CHANNEL_COUNT_PARAM}: {}\n",
+                imex.channel_count
+            ),
+        ),
+    ];
+    if let Some(minor) = imex.fabric_mgmt_minor {
+        files.push((
+            "driver/nvidia/capabilities/fabric-imex-mgmt".to_owned(),
+            format!("DeviceFileMinor: {minor}\nDeviceFileMode: 256\nDeviceFileModify: 1\n"),
+        ));
+    }
+    for (name, text) in files {
+        let file = proc_root.join(name);
+        if let Some(dir) = file.parent() {
+            std::fs::create_dir_all(dir)
+                .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        }
+        std::fs::write(&file, text).map_err(|e| format!("cannot write {}: {e}", file.display()))?;
+    }
+    Ok(())
+}
 
 /// Makes `<proc_root>/driver/nvidia/capabilities/gpu*/mig` describe exactly
 /// the MIG devices of `node`.
@@ -47,8 +92,8 @@ pub fn sync(proc_root: &Path, node: &FakeNode) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use nvdra_gpu::CapabilityReader;
     use nvdra_gpu::fake::{FakeProfile, GpuModel};
+    use nvdra_gpu::{CapabilityReader, ImexReader};
 
     #[test]
     fn the_agent_reader_finds_the_layout_minors() {
@@ -67,5 +112,14 @@ mod tests {
         node.destroy_compute_instance(1, gi, 0).unwrap();
         sync(proc_root.path(), &node).unwrap();
         assert!(reader.mig(1, mig.gi_id, mig.ci_id).is_err());
+    }
+
+    #[test]
+    fn the_agent_reader_finds_the_imex_numbers() {
+        let proc_root = tempfile::tempdir().unwrap();
+        for imex in [ImexInfo::fake(64), ImexInfo::fake(2048)] {
+            write_driver_files(proc_root.path(), &imex).unwrap();
+            assert_eq!(ImexReader::new(proc_root.path()).read().unwrap(), imex);
+        }
     }
 }

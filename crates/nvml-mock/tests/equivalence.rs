@@ -121,6 +121,8 @@ fn every_profile_reads_the_same() {
         let nvml = root.open();
         let inventory = assert_same_inventory(name, &fake, &nvml);
         same(name, fake.driver(), nvml.driver()).unwrap();
+        // IMEX facts come from procfs, which the mock keeps as the driver does.
+        same(name, fake.imex(), nvml.imex()).unwrap();
         let gpus = same(name, fake.gpus(), nvml.gpus()).unwrap();
         assert_eq!(gpus.len(), inventory.gpus.len());
         for gpu in &gpus {
@@ -270,7 +272,10 @@ fn created_devices_survive_a_new_process_through_the_state_file() {
     // an agent restart: it knows the device only from the state file.
     let second = MockRoot::with_state("h100-sxm-80gb-x8", Some(&state_file));
     let restarted = second.open();
-    assert_eq!(restarted.mig_devices(&gpu_now).unwrap(), std::slice::from_ref(&made));
+    assert_eq!(
+        restarted.mig_devices(&gpu_now).unwrap(),
+        std::slice::from_ref(&made)
+    );
     assert_eq!(
         restarted.mig_capabilities(&made).unwrap(),
         nvml.mig_capabilities(&made).unwrap()

@@ -61,10 +61,7 @@ impl ClusterSpec {
             ("l4-0", "l4-x2"),
         ]
         .into_iter()
-        .map(|(name, profile)| NodeSpec {
-            name: name.into(),
-            profile: profile.into(),
-        })
+        .map(|(name, profile)| NodeSpec::fake(name, profile))
         .collect();
         Self {
             nodes,

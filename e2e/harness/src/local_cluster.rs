@@ -44,8 +44,10 @@ pub struct Args {
 pub enum Cmd {
     /// Start the cluster, run a demo claim, print how to use it.
     Up {
-        /// Nodes as NAME=PROFILE (repeatable; default: one H100, one A100
-        /// with MIG, one GB200 tray, one L4 node).
+        /// Nodes as NAME=PROFILE, or NAME=nvml:PROFILE for a node whose
+        /// agent runs the NVML backend over the mock NVML library
+        /// (repeatable; default: one H100, one A100 with MIG, one GB200
+        /// tray, one L4 node).
         #[arg(
             long = "node",
             env = "NVDRA_LOCAL_CLUSTER_NODES",

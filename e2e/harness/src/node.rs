@@ -1,5 +1,8 @@
-//! Simulated GPU nodes: a kubelet emulator and an `nvdra-agent` on the fake
-//! backend, per node, under one supervisor.
+//! Simulated GPU nodes: a kubelet emulator and an `nvdra-agent`, per node,
+//! under one supervisor. The agent serves its node's profile either from the
+//! fake backend or (`NAME=nvml:PROFILE`) from the NVML backend over the mock
+//! `libnvidia-ml.so.1` (`crates/nvml-mock`) in a driver root of the node's
+//! own, which is how the e2e exercises the code real nodes run.
 //!
 //! Each node gets its own directory: `root/` is what would be the node's
 //! filesystem (`plugins_registry/`, `plugins/`, `cdi/`, `pods/`),
@@ -17,34 +20,61 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use nvdra_gpu::{FakeBackend, GpuBackend, Inventory};
 use serde::{Deserialize, Serialize};
 
 use crate::supervisor::Supervisor;
 use crate::tools::Tools;
 
-/// One simulated node: a name and the fake GPU profile its agent serves.
+/// One simulated node: a name and the GPU profile its agent serves.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeSpec {
     /// Node name (also the agent's ResourceSlice pool).
     pub name: String,
     /// A built-in fake profile name or the path of a profile file.
     pub profile: String,
+    /// Serve the profile through the NVML backend and the mock NVML library
+    /// instead of the fake backend.
+    #[serde(default)]
+    pub mock_nvml: bool,
 }
 
+/// The prefix of a profile served through the mock NVML library.
+const MOCK_NVML_PREFIX: &str = "nvml:";
+
+/// The mock library as cargo builds it.
+pub const MOCK_NVML_LIBRARY: &str = "libnvdra_nvml_mock.so";
+
 impl NodeSpec {
-    /// Parses `NAME=PROFILE`.
+    /// A node on the fake backend.
+    pub fn fake(name: &str, profile: &str) -> Self {
+        Self {
+            name: name.to_owned(),
+            profile: profile.to_owned(),
+            mock_nvml: false,
+        }
+    }
+
+    /// Parses `NAME=PROFILE` or `NAME=nvml:PROFILE`.
     pub fn parse(raw: &str) -> Result<Self> {
         let (name, profile) = raw
             .split_once('=')
             .filter(|(n, p)| !n.is_empty() && !p.is_empty())
             .with_context(|| {
-                format!("{raw:?} is not NAME=PROFILE (e.g. h100-0=h100-sxm-80gb-x8)")
+                format!(
+                    "{raw:?} is not NAME=PROFILE or NAME=nvml:PROFILE (e.g. h100-0=h100-sxm-80gb-x8)"
+                )
             })?;
+        let (profile, mock_nvml) = match profile.strip_prefix(MOCK_NVML_PREFIX) {
+            Some(rest) if !rest.is_empty() => (rest, true),
+            Some(_) => bail!("{raw:?} names no profile after {MOCK_NVML_PREFIX}"),
+            None => (profile, false),
+        };
         Ok(Self {
             name: name.to_owned(),
             profile: profile.to_owned(),
+            mock_nvml,
         })
     }
 
@@ -203,8 +233,23 @@ pub fn start(tools: &Tools, launch: &NodeLaunch<'_>) -> Result<()> {
         "exec:agent".into(),
         path(&tools.bin("nvdra-agent")?),
         format!("--node-name={}", launch.spec.name),
-        "--device-backend=fake".into(),
-        format!("--fake-profile={}", launch.spec.profile),
+    ];
+    let driver_root = if launch.spec.mock_nvml {
+        let root = mock_nvml_root(tools, launch, &inventory)?;
+        agent.extend([
+            "--device-backend=nvml".into(),
+            format!("--sysfs-root={}", root.sysfs.display()),
+            format!("--proc-root={}", root.proc.display()),
+        ]);
+        root.driver_root
+    } else {
+        agent.extend([
+            "--device-backend=fake".into(),
+            format!("--fake-profile={}", launch.spec.profile),
+        ]);
+        driver_root.to_owned()
+    };
+    agent.extend([
         format!("--kubeconfig={}", launch.agent_kubeconfig.display()),
         format!("--nvidia-driver-root={}", driver_root.display()),
         format!("--container-driver-root={}", driver_root.display()),
@@ -220,7 +265,7 @@ pub fn start(tools: &Tools, launch: &NodeLaunch<'_>) -> Result<()> {
         format!("--http-endpoint=127.0.0.1:{}", launch.agent_http_port),
         format!("--boot-id-path={}", boot_id.display()),
         format!("--namespace={}", launch.namespace),
-    ];
+    ]);
     agent.extend(launch.agent_extra.iter().cloned());
 
     Supervisor::new(&dirs.dir).start(
@@ -228,6 +273,94 @@ pub fn start(tools: &Tools, launch: &NodeLaunch<'_>) -> Result<()> {
         &format!("node {}", launch.spec.name),
         &[emulator, agent],
     )
+}
+
+/// Where a mock-NVML node's agent finds its driver.
+struct MockNvmlRoot {
+    /// The node's driver root: the cluster's, plus the mock library.
+    driver_root: PathBuf,
+    /// sysfs links naming each GPU's PCIe root.
+    sysfs: PathBuf,
+    /// The procfs root the mock keeps MIG capability files in.
+    proc: PathBuf,
+}
+
+/// Lays out a mock-NVML node's own driver root: a copy of the cluster's,
+/// with the mock library as `usr/lib64/libnvidia-ml.so.1` (found first by
+/// the agent's discovery) and its config naming the node's profile, a state
+/// file beside the node's directories (so MIG devices outlive agent
+/// restarts, as on a GPU), and sysfs and procfs roots.
+fn mock_nvml_root(
+    tools: &Tools,
+    launch: &NodeLaunch<'_>,
+    inventory: &Inventory,
+) -> Result<MockNvmlRoot> {
+    let dir = &launch.dirs.dir;
+    let library = tools.bin_dir.join(MOCK_NVML_LIBRARY);
+    if !library.is_file() {
+        bail!(
+            "{} is not built; run `cargo build -p nvdra-nvml-mock --lib` in the profile of \
+             the other binaries (scripts/test does)",
+            library.display()
+        );
+    }
+    let root = MockNvmlRoot {
+        driver_root: dir.join("driver-root"),
+        sysfs: dir.join("sys"),
+        proc: dir.join("proc"),
+    };
+    for d in [&root.driver_root, &root.sysfs] {
+        if d.exists() {
+            std::fs::remove_dir_all(d).with_context(|| format!("remove {}", d.display()))?;
+        }
+    }
+    std::fs::create_dir_all(&root.driver_root)
+        .with_context(|| format!("create {}", root.driver_root.display()))?;
+    let status = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(launch.driver_root.join("."))
+        .arg(&root.driver_root)
+        .status()
+        .context("run cp")?;
+    if !status.success() {
+        bail!(
+            "copying {} to {} failed ({status})",
+            launch.driver_root.display(),
+            root.driver_root.display()
+        );
+    }
+    let lib_dir = root.driver_root.join("usr/lib64");
+    std::fs::create_dir_all(&lib_dir).with_context(|| format!("create {}", lib_dir.display()))?;
+    std::fs::copy(&library, lib_dir.join("libnvidia-ml.so.1"))
+        .with_context(|| format!("copy {}", library.display()))?;
+    let profile = match nvdra_gpu::FakeBackend::builtin(&launch.spec.profile) {
+        Some(_) => launch.spec.profile.clone(),
+        None => path(
+            &std::fs::canonicalize(&launch.spec.profile)
+                .with_context(|| format!("resolve profile path {}", launch.spec.profile))?,
+        ),
+    };
+    let config = nvdra_nvml_mock::config::MockConfig {
+        profile,
+        state_file: Some(dir.join("mock-nvml-state.json")),
+        proc_root: Some(root.proc.clone()),
+    };
+    let config_path = lib_dir.join(nvdra_nvml_mock::config::CONFIG_FILE);
+    std::fs::write(&config_path, serde_saphyr::to_string(&config)?)
+        .with_context(|| format!("write {}", config_path.display()))?;
+    let devices = root.sysfs.join("bus/pci/devices");
+    std::fs::create_dir_all(&devices).with_context(|| format!("create {}", devices.display()))?;
+    for gpu in &inventory.gpus {
+        if let Some(pcie_root) = &gpu.info.pcie_root {
+            let bdf = &gpu.info.pci_bus_id;
+            std::os::unix::fs::symlink(
+                format!("../../../devices/{pcie_root}/{bdf}"),
+                devices.join(bdf),
+            )
+            .with_context(|| format!("link {bdf} in {}", devices.display()))?;
+        }
+    }
+    Ok(root)
 }
 
 /// The PID of the node's process `name` (`kubelet`, `agent`, `all`), if running.
@@ -282,17 +415,28 @@ mod tests {
     fn node_spec_parse() {
         assert_eq!(
             NodeSpec::parse("h100-0=h100-sxm-80gb-x8").unwrap(),
+            NodeSpec::fake("h100-0", "h100-sxm-80gb-x8")
+        );
+        assert_eq!(
+            NodeSpec::parse("a-0=nvml:a100-40gb-x8-mig").unwrap(),
             NodeSpec {
-                name: "h100-0".into(),
-                profile: "h100-sxm-80gb-x8".into()
+                name: "a-0".into(),
+                profile: "a100-40gb-x8-mig".into(),
+                mock_nvml: true,
             }
         );
         for bad in ["h100-0", "=p", "n="] {
             assert_eq!(
                 NodeSpec::parse(bad).unwrap_err().to_string(),
-                format!("{bad:?} is not NAME=PROFILE (e.g. h100-0=h100-sxm-80gb-x8)")
+                format!(
+                    "{bad:?} is not NAME=PROFILE or NAME=nvml:PROFILE (e.g. h100-0=h100-sxm-80gb-x8)"
+                )
             );
         }
+        assert_eq!(
+            NodeSpec::parse("n=nvml:").unwrap_err().to_string(),
+            "\"n=nvml:\" names no profile after nvml:"
+        );
     }
 
     #[test]

@@ -16,6 +16,7 @@ mod e2e {
     pub mod computedomain;
     pub mod env;
     pub mod examples;
+    pub mod mocknvml;
     pub mod observability;
     pub mod perf;
     pub mod privilege;
@@ -212,6 +213,25 @@ fn main() -> ExitCode {
         tally(outcome, &mut passed, &mut failed);
     }
 
+    if wanted("mock_nvml_node") {
+        let outcome = runtime.block_on(with_cluster(
+            &tools,
+            &base.join("mock-nvml"),
+            mock_nvml_spec(),
+            |env| async move {
+                let result = run_one(
+                    "mock_nvml_node",
+                    |e| Box::pin(e2e::mocknvml::mock_nvml_node(e)),
+                    env,
+                    180,
+                )
+                .await;
+                Ok(vec![("mock_nvml_node", result)])
+            },
+        ));
+        tally(outcome, &mut passed, &mut failed);
+    }
+
     if wanted("cd_scale") {
         let outcome = match scale_spec(&base, args.scale_client_qps) {
             Ok(spec) => runtime.block_on(with_cluster(
@@ -282,10 +302,7 @@ fn functional_spec() -> ClusterSpec {
     ClusterSpec {
         nodes: nodes
             .into_iter()
-            .map(|(name, profile)| NodeSpec {
-                name: name.into(),
-                profile: profile.into(),
-            })
+            .map(|(name, profile)| NodeSpec::fake(name, profile))
             .collect(),
         chart_sets: Vec::new(),
         agent_extra: Vec::new(),
@@ -295,15 +312,27 @@ fn functional_spec() -> ClusterSpec {
     }
 }
 
+/// One A100 node on the fake backend and one, with the same profile, on the
+/// NVML backend over the mock NVML library.
+fn mock_nvml_spec() -> ClusterSpec {
+    let profile = "a100-40gb-x8-mig";
+    let mut nvml = NodeSpec::fake(e2e::mocknvml::NVML_NODE, profile);
+    nvml.mock_nvml = true;
+    ClusterSpec {
+        nodes: vec![NodeSpec::fake(e2e::mocknvml::FAKE_NODE, profile), nvml],
+        chart_sets: Vec::new(),
+        agent_extra: Vec::new(),
+        controllers: 0,
+        client_qps: None,
+    }
+}
+
 /// Eight 16-GPU nodes: room for 100 single-GPU pods at once.
 fn latency_spec() -> ClusterSpec {
     let profile = repo_root().join("e2e/profiles/l4-x16.yaml");
     ClusterSpec {
         nodes: (0..8)
-            .map(|i| NodeSpec {
-                name: format!("l4x16-{i}"),
-                profile: profile.display().to_string(),
-            })
+            .map(|i| NodeSpec::fake(&format!("l4x16-{i}"), &profile.display().to_string()))
             .collect(),
         chart_sets: Vec::new(),
         agent_extra: Vec::new(),
@@ -334,10 +363,7 @@ fn scale_spec(base: &std::path::Path, client_qps: u32) -> anyhow::Result<Cluster
     }
     Ok(ClusterSpec {
         nodes: (0..64)
-            .map(|i| NodeSpec {
-                name: format!("tray-{i:02}"),
-                profile: racks[i / 16].clone(),
-            })
+            .map(|i| NodeSpec::fake(&format!("tray-{i:02}"), &racks[i / 16]))
             .collect(),
         chart_sets: Vec::new(),
         agent_extra: Vec::new(),
