@@ -16,7 +16,10 @@
 //!   [`GpuBackend::create_mig_device`], [`GpuBackend::destroy_mig_device`])
 //!   report a driver refusal as [`Error::MigRefused`] with the same
 //!   [`crate::mig::MigRefusal`] on every backend, and leave nothing half
-//!   created behind. Everything else only reads.
+//!   created behind;
+//! - the sharing settings ([`GpuBackend::set_compute_mode`],
+//!   [`GpuBackend::set_time_slice`]) are idempotent. Everything else only
+//!   reads.
 
 use std::path::Path;
 
@@ -28,6 +31,7 @@ use crate::fabric::FabricInfo;
 use crate::imex::ImexInfo;
 use crate::mig::{MigDeviceInfo, MigProfile};
 use crate::nodes::{self, DeviceNode, MigCapabilities};
+use crate::sharing::{ComputeMode, TimeSlice};
 
 /// Access to a node's GPUs: reads, and the MIG changes.
 pub trait GpuBackend: Send + Sync {
@@ -68,6 +72,15 @@ pub trait GpuBackend: Send + Sync {
 
     /// Destroys `mig`'s compute instance and then its GPU instance.
     fn destroy_mig_device(&self, mig: &MigDeviceInfo) -> Result<(), Error>;
+
+    /// `gpu`'s compute mode.
+    fn compute_mode(&self, gpu: &GpuInfo) -> Result<ComputeMode, Error>;
+
+    /// Sets `gpu`'s compute mode.
+    fn set_compute_mode(&self, gpu: &GpuInfo, mode: ComputeMode) -> Result<(), Error>;
+
+    /// Sets `gpu`'s time slice between the processes sharing it.
+    fn set_time_slice(&self, gpu: &GpuInfo, slice: TimeSlice) -> Result<(), Error>;
 
     /// Root under which `/dev` holds the device nodes (`/` or the driver
     /// root).

@@ -130,6 +130,31 @@ pub enum Error {
         /// Why it was refused.
         refusal: crate::mig::MigRefusal,
     },
+    /// `nvidia-smi` could not be started or waited for.
+    #[error("cannot run {command}")]
+    RunNvidiaSmi {
+        /// The command line.
+        command: String,
+        /// Why it could not run.
+        #[source]
+        source: std::io::Error,
+    },
+    /// `nvidia-smi` ran and failed.
+    #[error("{command} exited with {status}: {output}")]
+    NvidiaSmiFailed {
+        /// The command line.
+        command: String,
+        /// Its exit status.
+        status: String,
+        /// What it printed (stderr, else stdout).
+        output: String,
+    },
+    /// The driver root has no `nvidia-smi`, which time-slicing needs.
+    #[error("no nvidia-smi under driver root {root}; time-slicing needs it")]
+    NoNvidiaSmi {
+        /// The driver root.
+        root: PathBuf,
+    },
     /// The backend has no GPU with this UUID.
     #[error("no GPU with UUID {uuid}")]
     UnknownGpu {

@@ -25,6 +25,7 @@ use crate::fabric::FabricInfo;
 use crate::imex::ImexInfo;
 use crate::mig::{MigDeviceInfo, MigProfile, MigRefusal};
 use crate::nodes::MigCapabilities;
+use crate::sharing::{ComputeMode, TimeSlice};
 
 pub mod models;
 pub mod node;
@@ -89,6 +90,12 @@ impl FakeBackend {
             .iter()
             .find(|(n, _)| *n == name)
             .map(|(n, text)| Self::from_yaml(text, &format!("builtin:{n}")))
+    }
+
+    /// The time slice last set on the GPU with `uuid` (what `nvidia-smi`
+    /// would have been told), for tests.
+    pub fn time_slice(&self, uuid: &str) -> TimeSlice {
+        self.node().time_slice(uuid)
     }
 
     /// Serves device nodes from under `dev_root` instead of `/`.
@@ -181,6 +188,23 @@ impl GpuBackend for FakeBackend {
                 })
             },
         )
+    }
+
+    fn compute_mode(&self, gpu: &GpuInfo) -> Result<ComputeMode, Error> {
+        self.gpu(gpu, |_| ())?;
+        Ok(self.node().compute_mode(&gpu.uuid))
+    }
+
+    fn set_compute_mode(&self, gpu: &GpuInfo, mode: ComputeMode) -> Result<(), Error> {
+        self.gpu(gpu, |_| ())?;
+        self.node().set_compute_mode(&gpu.uuid, mode);
+        Ok(())
+    }
+
+    fn set_time_slice(&self, gpu: &GpuInfo, slice: TimeSlice) -> Result<(), Error> {
+        self.gpu(gpu, |_| ())?;
+        self.node().set_time_slice(&gpu.uuid, slice);
+        Ok(())
     }
 
     fn destroy_mig_device(&self, mig: &MigDeviceInfo) -> Result<(), Error> {

@@ -31,6 +31,7 @@ pub mod naming;
 pub mod nodes;
 pub mod nvml;
 pub mod pcie;
+pub mod sharing;
 
 pub use backend::{GpuBackend, GpuInventory, Inventory};
 pub use device::{
@@ -45,3 +46,4 @@ pub use mig::{MigCapacities, MigDeviceInfo, MigPlacement, MigProfile};
 pub use naming::{DeviceName, MigDeviceName, gpu_device_name, mig_device_name};
 pub use nodes::{CapabilityReader, DeviceNode, MigCapabilities};
 pub use nvml::{NvmlBackend, NvmlOptions};
+pub use sharing::{ComputeMode, TimeSlice};

@@ -51,6 +51,7 @@ use crate::mig::{
 };
 use crate::nodes::{CapabilityReader, MigCapabilities};
 use crate::pcie::pcie_root;
+use crate::sharing::{ComputeMode, TimeSlice, run_set_time_slice};
 
 mod raw;
 pub(crate) mod worker;
@@ -99,6 +100,8 @@ struct NvmlState {
 pub struct NvmlBackend {
     worker: Worker<NvmlState>,
     driver_root: DriverRoot,
+    /// Longest wait for one NVML call or `nvidia-smi` run.
+    call_timeout: Duration,
     capabilities: CapabilityReader,
     imex: ImexReader,
 }
@@ -146,6 +149,7 @@ impl NvmlBackend {
         Ok(Self {
             worker,
             driver_root,
+            call_timeout: options.call_timeout,
             imex: ImexReader::new(&options.proc_root),
             capabilities: CapabilityReader::new(options.proc_root),
         })
@@ -270,6 +274,48 @@ impl GpuBackend for NvmlBackend {
                     reason: format!("GI {gi_id} CI {ci_id} was created but is not listed"),
                 })
         })
+    }
+
+    fn compute_mode(&self, gpu: &GpuInfo) -> Result<ComputeMode, Error> {
+        let uuid = gpu.uuid.clone();
+        self.worker
+            .call(format!("compute mode of {uuid}"), move |s| {
+                let op = || format!("nvmlDeviceGetComputeMode({uuid})");
+                let mode = device_by_uuid(&s.nvml, &uuid)?
+                    .compute_mode()
+                    .map_err(Error::nvml(op()))?;
+                compute_mode_of(mode).ok_or_else(|| Error::NvmlData {
+                    op: op(),
+                    reason: format!("compute mode {mode:?} is not one nvdra sets"),
+                })
+            })
+    }
+
+    fn set_compute_mode(&self, gpu: &GpuInfo, mode: ComputeMode) -> Result<(), Error> {
+        let uuid = gpu.uuid.clone();
+        self.worker
+            .call(format!("set compute mode of {uuid}"), move |s| {
+                device_by_uuid(&s.nvml, &uuid)?
+                    .set_compute_mode(nvml_compute_mode(mode))
+                    .map_err(Error::nvml(format!("nvmlDeviceSetComputeMode({uuid})")))
+            })
+    }
+
+    /// Through `nvidia-smi` (NVML has no call for it), from the driver root.
+    fn set_time_slice(&self, gpu: &GpuInfo, slice: TimeSlice) -> Result<(), Error> {
+        let nvidia_smi =
+            self.driver_root
+                .nvidia_smi
+                .as_deref()
+                .ok_or_else(|| Error::NoNvidiaSmi {
+                    root: self.driver_root.root.clone(),
+                })?;
+        let nvml_dir = self
+            .driver_root
+            .nvml_library
+            .parent()
+            .unwrap_or(Path::new("/"));
+        run_set_time_slice(nvidia_smi, nvml_dir, &gpu.uuid, slice, self.call_timeout)
     }
 
     fn destroy_mig_device(&self, mig: &MigDeviceInfo) -> Result<(), Error> {
@@ -644,6 +690,25 @@ fn fabric(device: &Device<'_>) -> Result<Option<FabricInfo>, Error> {
         state,
         status: FabricStatus(raw.status),
     }))
+}
+
+fn nvml_compute_mode(mode: ComputeMode) -> nvml_wrapper::enum_wrappers::device::ComputeMode {
+    use nvml_wrapper::enum_wrappers::device::ComputeMode as M;
+    match mode {
+        ComputeMode::Default => M::Default,
+        ComputeMode::ExclusiveProcess => M::ExclusiveProcess,
+        ComputeMode::Prohibited => M::Prohibited,
+    }
+}
+
+fn compute_mode_of(mode: nvml_wrapper::enum_wrappers::device::ComputeMode) -> Option<ComputeMode> {
+    use nvml_wrapper::enum_wrappers::device::ComputeMode as M;
+    match mode {
+        M::Default => Some(ComputeMode::Default),
+        M::ExclusiveProcess => Some(ComputeMode::ExclusiveProcess),
+        M::Prohibited => Some(ComputeMode::Prohibited),
+        M::ExclusiveThread => None,
+    }
 }
 
 /// Brand names as go-nvlib spells them.

@@ -307,6 +307,15 @@ impl GpuBackend for PerMethod {
     fn destroy_mig_device(&self, mig: &MigDeviceInfo) -> Result<(), Error> {
         self.0.destroy_mig_device(mig)
     }
+    fn compute_mode(&self, gpu: &GpuInfo) -> Result<nvdra_gpu::ComputeMode, Error> {
+        self.0.compute_mode(gpu)
+    }
+    fn set_compute_mode(&self, gpu: &GpuInfo, mode: nvdra_gpu::ComputeMode) -> Result<(), Error> {
+        self.0.set_compute_mode(gpu, mode)
+    }
+    fn set_time_slice(&self, gpu: &GpuInfo, slice: nvdra_gpu::TimeSlice) -> Result<(), Error> {
+        self.0.set_time_slice(gpu, slice)
+    }
     fn dev_root(&self) -> &Path {
         self.0.dev_root()
     }

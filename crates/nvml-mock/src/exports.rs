@@ -688,6 +688,38 @@ pub extern "C" fn nvmlDeviceSetMigMode(
     })
 }
 
+/// `nvmlDeviceGetComputeMode`.
+#[unsafe(no_mangle)]
+pub extern "C" fn nvmlDeviceGetComputeMode(
+    device: sys::nvmlDevice_t,
+    mode: *mut sys::nvmlComputeMode_t,
+) -> Ret {
+    with(|m| match m.full_gpu(device) {
+        Ok((_, g)) => out(mode, m.node.compute_mode(&g.info.uuid).to_nvml()),
+        Err(r) => r,
+    })
+}
+
+/// `nvmlDeviceSetComputeMode`: the removed exclusive-thread mode is an
+/// invalid argument, as on current drivers.
+#[unsafe(no_mangle)]
+pub extern "C" fn nvmlDeviceSetComputeMode(
+    device: sys::nvmlDevice_t,
+    mode: sys::nvmlComputeMode_t,
+) -> Ret {
+    let Some(mode) = nvdra_gpu::ComputeMode::from_nvml(mode) else {
+        return INVALID_ARGUMENT;
+    };
+    change(|m| {
+        let uuid = match m.full_gpu(device) {
+            Ok((_, g)) => g.info.uuid.clone(),
+            Err(r) => return Ok(r),
+        };
+        m.node.set_compute_mode(&uuid, mode);
+        Ok(SUCCESS)
+    })
+}
+
 /// `nvmlDeviceGetGpuInstanceProfileInfo`, by NVML profile *index*.
 #[unsafe(no_mangle)]
 pub extern "C" fn nvmlDeviceGetGpuInstanceProfileInfo(

@@ -256,6 +256,67 @@ fn mig_changes_round_trip_identically() {
 }
 
 #[test]
+fn compute_modes_round_trip_identically() {
+    use nvdra_gpu::ComputeMode;
+    let name = "h200-x8";
+    let fake = fake(name);
+    let root = MockRoot::new(name);
+    let nvml = root.open();
+    let gpu = &fake.gpus().unwrap()[5];
+    for mode in [
+        ComputeMode::ExclusiveProcess,
+        ComputeMode::Prohibited,
+        ComputeMode::Default,
+    ] {
+        same(
+            "set",
+            fake.set_compute_mode(gpu, mode),
+            nvml.set_compute_mode(gpu, mode),
+        )
+        .unwrap();
+        let got = same("get", fake.compute_mode(gpu), nvml.compute_mode(gpu)).unwrap();
+        assert_eq!(got, mode);
+    }
+}
+
+#[test]
+fn time_slices_go_through_the_driver_roots_nvidia_smi() {
+    use nvdra_gpu::TimeSlice;
+    use std::os::unix::fs::PermissionsExt;
+    let name = "h100-sxm-80gb-x8";
+    let root = MockRoot::new(name);
+    let bin = root.dir.path().join("usr/bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    let calls = root.dir.path().join("calls");
+    let smi = bin.join("nvidia-smi");
+    std::fs::write(
+        &smi,
+        format!("#!/bin/sh\necho \"$*\" >> {}\n", calls.display()),
+    )
+    .unwrap();
+    std::fs::set_permissions(&smi, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let nvml = root.open();
+    let fake = fake(name);
+    let gpu = &fake.gpus().unwrap()[2];
+    for slice in [TimeSlice::Long, TimeSlice::Default] {
+        same(
+            "set",
+            fake.set_time_slice(gpu, slice),
+            nvml.set_time_slice(gpu, slice),
+        )
+        .unwrap();
+        assert_eq!(fake.time_slice(&gpu.uuid), slice);
+    }
+    assert_eq!(
+        std::fs::read_to_string(&calls).unwrap(),
+        format!(
+            "compute-policy -i {0} --set-timeslice=3\ncompute-policy -i {0} --set-timeslice=0\n",
+            gpu.uuid
+        )
+    );
+}
+
+#[test]
 fn created_devices_survive_a_new_process_through_the_state_file() {
     let state = tempfile::tempdir().unwrap();
     let state_file = state.path().join("state.json");

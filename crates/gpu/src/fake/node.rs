@@ -25,10 +25,13 @@
 //! MIG device UUIDs of created devices are derived from the parent's UUID
 //! and a per-node creation counter, so runs are reproducible.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 use crate::backend::{GpuInventory, Inventory};
 use crate::mig::{MigDeviceInfo, MigPlacement, MigProfile, MigRefusal};
+use crate::sharing::{ComputeMode, TimeSlice};
 
 /// Highest GPU-instance ID the driver hands out.
 const MAX_GI_ID: u32 = 14;
@@ -70,6 +73,12 @@ pub struct FakeNode {
     /// MIG devices created so far; seeds the next device's UUID.
     #[serde(default)]
     pub created: u64,
+    /// Compute modes other than the default, by GPU UUID.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub compute_modes: BTreeMap<String, ComputeMode>,
+    /// Time slices other than the default, by GPU UUID.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub time_slices: BTreeMap<String, TimeSlice>,
 }
 
 impl FakeNode {
@@ -79,6 +88,36 @@ impl FakeNode {
             inventory,
             bare_gpu_instances: Vec::new(),
             created: 0,
+            compute_modes: BTreeMap::new(),
+            time_slices: BTreeMap::new(),
+        }
+    }
+
+    /// The compute mode of the GPU with `uuid`.
+    pub fn compute_mode(&self, uuid: &str) -> ComputeMode {
+        self.compute_modes.get(uuid).copied().unwrap_or_default()
+    }
+
+    /// Records the compute mode of the GPU with `uuid`.
+    pub fn set_compute_mode(&mut self, uuid: &str, mode: ComputeMode) {
+        if mode == ComputeMode::Default {
+            self.compute_modes.remove(uuid);
+        } else {
+            self.compute_modes.insert(uuid.to_owned(), mode);
+        }
+    }
+
+    /// The time slice of the GPU with `uuid`.
+    pub fn time_slice(&self, uuid: &str) -> TimeSlice {
+        self.time_slices.get(uuid).copied().unwrap_or_default()
+    }
+
+    /// Records the time slice of the GPU with `uuid`.
+    pub fn set_time_slice(&mut self, uuid: &str, slice: TimeSlice) {
+        if slice == TimeSlice::Default {
+            self.time_slices.remove(uuid);
+        } else {
+            self.time_slices.insert(uuid.to_owned(), slice);
         }
     }
 
