@@ -187,7 +187,7 @@ impl ComputeDomainDriver {
             temp_files_removed: 0,
             problems: Vec::new(),
         };
-        crate::driver::recover(&cdi, &mut ledger, &mut startup)?;
+        crate::driver::recover(&cdi, &mut ledger, &mut startup, &|_, _| {})?;
         if let Err(err) = cdi.write_base_spec(&base_spec) {
             // Daemon claims fail at prepare without it; the agent itself can still serve.
             let text = error_chain(&err);

@@ -73,6 +73,7 @@ use crate::metrics::{ErrorType, Metrics, Operation};
 
 pub(crate) mod ledger;
 pub mod prepare;
+pub(crate) mod sharing;
 mod unprepare;
 
 pub(crate) use ledger::Ledger;
@@ -241,7 +242,13 @@ impl GpuDriver {
             temp_files_removed: 0,
             problems: Vec::new(),
         };
-        recover(&cdi, &mut ledger, &mut startup)?;
+        recover(&cdi, &mut ledger, &mut startup, &|entry, claim| {
+            sharing::reset(
+                backend.as_ref(),
+                sharing::gpus_to_reset(&devices, &gates, entry),
+                claim,
+            );
+        })?;
         drop(node_lock);
 
         tracing::info!(
@@ -582,10 +589,13 @@ pub(crate) fn lock_node(path: &Path) -> std::io::Result<File> {
 /// corrupt checkpoint, orphaned specs are kept and listed in [`Startup::unaccounted_specs`]
 /// instead: the lost entries may describe claims whose pods still run, and removing their
 /// specs would break every container restart in them.
+/// `undo` is called with each rolled-back claim's entry first, to undo host changes beyond
+/// the spec (the GPU driver resets time slices).
 pub(crate) fn recover(
     cdi: &CdiStore,
     ledger: &mut Ledger,
     startup: &mut Startup,
+    undo: &dyn Fn(&checkpoint::ClaimEntry, &str),
 ) -> Result<(), Error> {
     let keep_orphans = matches!(startup.checkpoint, LoadOutcome::Corrupt { .. });
     for claim in ledger.state().started_claims() {
@@ -597,6 +607,9 @@ pub(crate) fn recover(
         };
         match removed {
             Ok(()) => {
+                if let Some(entry) = ledger.state().claim(&claim.uid) {
+                    undo(entry, &claim.to_string());
+                }
                 ledger.state_mut().remove(&claim.uid);
                 tracing::info!(%claim, "rolled back an interrupted prepare");
                 startup.rolled_back.push(claim.uid);

@@ -385,15 +385,6 @@ mod driver_prepare {
                 "claim config 0 (FromClaim): GpuConfig.sharing.strategy MPS is not supported yet by nvdra",
             ),
             (
-                "time-slice interval",
-                with_config(
-                    5,
-                    json!({"strategy": "TimeSlicing", "timeSlicingConfig": {"interval": "Long"}}),
-                ),
-                "claim config 0 (FromClaim): GpuConfig.sharing.timeSlicingConfig.interval Long \
-                 (setting a time slice with nvidia-smi) is not supported yet by nvdra",
-            ),
-            (
                 "MIG config on a GPU",
                 allocated_claim_in_pool(
                     "c6",
@@ -426,6 +417,139 @@ mod driver_prepare {
         );
         let got = prepare(&started.driver, vec![ok]).await;
         assert_eq!(got[&uid(7)], Ok(vec![device("gpu", "gpu-0", &uid(7))]));
+    }
+
+    #[tokio::test]
+    async fn time_slicing_sets_the_gpus_and_unprepare_resets_them() {
+        use nvdra_gpu::{ComputeMode, GpuBackend, TimeSlice};
+        let dirs = Dirs::new();
+        let fake = backend(H100);
+        let (mut config, _registry) =
+            config(&dirs, H100, gates(&[FeatureGate::TimeSlicingSettings]));
+        config.backend = fake.clone();
+        let (driver, _startup) = nvdra_agent::driver::GpuDriver::start(config).unwrap();
+        let gpus = fake.gpus().unwrap();
+        // A GPU left in exclusive-process mode by someone else is put back.
+        fake.set_compute_mode(&gpus[1], ComputeMode::ExclusiveProcess)
+            .unwrap();
+
+        let long = allocated_claim_in_pool(
+            "long",
+            &uid(1),
+            NODE,
+            &[("gpu", "gpu-0", false), ("gpu", "gpu-1", false)],
+            vec![claim_config(
+                &["gpu"],
+                json!({"apiVersion": "resource.nvidia.com/v1beta1", "kind": "GpuConfig",
+                       "sharing": {"strategy": "TimeSlicing", "timeSlicingConfig": {"interval": "Long"}}}),
+            )],
+        );
+        let long_ref = claim_ref(&long);
+        let got = prepare(&driver, vec![long]).await;
+        assert!(got[&uid(1)].is_ok(), "{got:?}");
+        for gpu in &gpus[..2] {
+            assert_eq!(fake.time_slice(&gpu.uuid), TimeSlice::Long);
+            assert_eq!(fake.compute_mode(gpu).unwrap(), ComputeMode::Default);
+        }
+        assert_eq!(fake.time_slice(&gpus[2].uuid), TimeSlice::Default);
+        let state = on_disk(&dirs);
+        let groups = &state.claim(&uid(1)).unwrap().prepared_devices;
+        assert_eq!(groups[0].config_state["timeSlice"], "Long");
+
+        // The gate makes time-slicing the default: a claim without config
+        // gets the default slice, recorded.
+        let plain = allocated_claim("plain", &uid(2), &[("gpu", "gpu-2", false)]);
+        let got = prepare(&driver, vec![plain]).await;
+        assert!(got[&uid(2)].is_ok(), "{got:?}");
+        assert_eq!(
+            on_disk(&dirs).claim(&uid(2)).unwrap().prepared_devices[0].config_state["timeSlice"],
+            "Default"
+        );
+
+        let got = unprepare(&driver, &[long_ref]).await;
+        assert_eq!(got[&uid(1)], Ok(()));
+        for gpu in &gpus[..2] {
+            assert_eq!(fake.time_slice(&gpu.uuid), TimeSlice::Default);
+        }
+    }
+
+    /// A prepare that crashed after setting a time slice has no config
+    /// state; start-up rolls it back and resets its GPUs (gate on).
+    #[test]
+    fn startup_rollback_resets_time_slices() {
+        use nvdra_gpu::{GpuBackend, TimeSlice};
+        let dirs = Dirs::new();
+        std::fs::create_dir_all(&dirs.data).unwrap();
+        let store = CheckpointStore::new(&dirs.data);
+        let mut state = store.load(BOOT_ID).unwrap().state;
+        let claim = CpRef {
+            uid: uid(1),
+            namespace: "ns".into(),
+            name: "a".into(),
+        };
+        let allocated = |device: &str, admin_access| AllocatedDevice {
+            requests: vec!["gpu".into()],
+            pool: NODE.into(),
+            device: device.into(),
+            admin_access,
+            ..AllocatedDevice::default()
+        };
+        state
+            .begin_prepare(
+                &claim,
+                vec![allocated("gpu-3", false), allocated("gpu-4", true)],
+            )
+            .unwrap();
+        store.write(&state).unwrap();
+
+        let fake = backend(H100);
+        let gpus = fake.gpus().unwrap();
+        for gpu in &gpus[3..5] {
+            fake.set_time_slice(gpu, TimeSlice::Long).unwrap();
+        }
+        let (mut config, _registry) =
+            config(&dirs, H100, gates(&[FeatureGate::TimeSlicingSettings]));
+        config.backend = fake.clone();
+        let (_driver, startup) = nvdra_agent::driver::GpuDriver::start(config).unwrap();
+        assert_eq!(startup.rolled_back, vec![uid(1)]);
+        assert_eq!(fake.time_slice(&gpus[3].uuid), TimeSlice::Default);
+        assert_eq!(
+            fake.time_slice(&gpus[4].uuid),
+            TimeSlice::Long,
+            "an admin-access device may be another claim's; left alone"
+        );
+    }
+
+    #[tokio::test]
+    async fn time_slicing_a_mig_device_changes_nothing() {
+        use nvdra_gpu::{GpuBackend, TimeSlice};
+        let dirs = Dirs::new();
+        let fake = backend(A100_MIG);
+        let (mut config, _registry) =
+            config(&dirs, A100_MIG, gates(&[FeatureGate::TimeSlicingSettings]));
+        config.backend = fake.clone();
+        let (driver, _startup) = nvdra_agent::driver::GpuDriver::start(config).unwrap();
+        let claim = allocated_claim_in_pool(
+            "mig",
+            &uid(3),
+            NODE,
+            &[("mig", "gpu-4-mig-3g20gb-9-0", false)],
+            vec![claim_config(
+                &["mig"],
+                json!({"apiVersion": "resource.nvidia.com/v1beta1", "kind": "MigDeviceConfig",
+                       "sharing": {"strategy": "TimeSlicing"}}),
+            )],
+        );
+        let got = prepare(&driver, vec![claim]).await;
+        assert!(got[&uid(3)].is_ok(), "{got:?}");
+        for gpu in fake.gpus().unwrap() {
+            assert_eq!(fake.time_slice(&gpu.uuid), TimeSlice::Default);
+        }
+        assert!(
+            on_disk(&dirs).claim(&uid(3)).unwrap().prepared_devices[0]
+                .config_state
+                .is_empty()
+        );
     }
 
     #[tokio::test]

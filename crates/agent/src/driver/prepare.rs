@@ -26,13 +26,13 @@
 //! makes the file current.
 
 use k8s_openapi::api::resource::v1::DeviceRequestAllocationResult;
-use nvdra_api::config::{GpuConfig, MigDeviceConfig, SharingStrategy, TimeSliceInterval};
+use nvdra_api::config::{GpuConfig, MigDeviceConfig, SharingStrategy};
 use nvdra_kubelet_plugin::error::error_chain;
 use nvdra_kubelet_plugin::{ClaimError, PrepareClaim, PrepareResults};
 use serde_json::Map;
 
 use super::ledger::Ledger;
-use super::{FaultPoint, Shared};
+use super::{FaultPoint, Shared, sharing};
 use crate::cdi::{self, ClaimDevice, qualified_device_id, render_claim_spec};
 use crate::checkpoint::{
     self, AllocatedDevice, BeginOutcome, DeviceInfo, PreparedDevice as RecordedDevice, PreparedGpu,
@@ -94,6 +94,9 @@ pub enum PrepareError {
     /// claim of the batch).
     #[error("cannot record the claim in the checkpoint: {0}")]
     Checkpoint(String),
+    /// A GPU's time slice could not be set.
+    #[error(transparent)]
+    TimeSlice(Box<super::sharing::ApplyError>),
     /// Rendering or writing the claim's CDI spec failed.
     #[error(transparent)]
     Cdi(Box<cdi::Error>),
@@ -112,13 +115,22 @@ struct DevicePlan {
     device: AllocatableDevice,
 }
 
+/// One config group of a planned claim.
+#[derive(Debug)]
+struct GroupPlan {
+    /// Devices in allocation order.
+    devices: Vec<DevicePlan>,
+    /// The time slice its full GPUs get, if the config time-slices them.
+    time_slice: Option<nvdra_gpu::TimeSlice>,
+}
+
 /// A claim that passed every check that needs no lock.
 #[derive(Debug)]
 struct ClaimPlan {
     claim: checkpoint::ClaimRef,
     allocated: Vec<AllocatedDevice>,
-    /// One entry per config group, devices in allocation order.
-    groups: Vec<Vec<DevicePlan>>,
+    /// One entry per config group.
+    groups: Vec<GroupPlan>,
 }
 
 fn fail(results: &mut PrepareResults, uid: &str, err: PrepareError) {
@@ -271,8 +283,9 @@ fn plan(shared: &Shared, claim: &PrepareClaim) -> Result<ClaimPlan, PrepareError
 
     let groups = groups
         .iter()
-        .map(|group| {
-            group
+        .map(|group| GroupPlan {
+            time_slice: sharing::time_slice_of(&group.config),
+            devices: group
                 .devices
                 .iter()
                 .filter_map(|allocation| {
@@ -290,7 +303,7 @@ fn plan(shared: &Shared, claim: &PrepareClaim) -> Result<ClaimPlan, PrepareError
                             device: (*device).clone(),
                         })
                 })
-                .collect()
+                .collect(),
         })
         .collect();
 
@@ -331,22 +344,7 @@ fn check_supported(group: &ConfigGroup) -> Result<(), PrepareError> {
         ResolvedConfig::Gpu(GpuConfig {
             sharing: Some(sharing),
         }) => match &sharing.strategy {
-            SharingStrategy::TimeSlicing => {
-                let interval = sharing
-                    .time_slicing_config
-                    .as_ref()
-                    .and_then(|c| c.interval.as_ref())
-                    .unwrap_or(&TimeSliceInterval::Default);
-                if *interval == TimeSliceInterval::Default {
-                    Ok(())
-                } else {
-                    unsupported(&format!(
-                        "GpuConfig.sharing.timeSlicingConfig.interval {} (setting a time slice \
-                         with nvidia-smi)",
-                        interval.as_str()
-                    ))
-                }
-            }
+            SharingStrategy::TimeSlicing => Ok(()),
             SharingStrategy::Mps => unsupported("GpuConfig.sharing.strategy MPS"),
             SharingStrategy::Unknown(other) => {
                 unsupported(&format!("GpuConfig.sharing.strategy {other:?}"))
@@ -398,6 +396,11 @@ fn begin(
                     .cdi
                     .remove_claim_spec(&plan.claim.uid)
                     .map_err(|err| (PrepareError::RollBack(Box::new(err)), false))?;
+                sharing::reset(
+                    shared.backend.as_ref(),
+                    sharing::gpus_to_reset(&shared.devices, &shared.gates, &entry),
+                    &plan.claim.to_string(),
+                );
                 ledger.state_mut().remove(&plan.claim.uid);
                 rolled_back = true;
             }
@@ -456,8 +459,81 @@ fn write_specs(
 /// Renders and writes the claim's CDI spec; returns the groups to record.
 fn write_spec(shared: &Shared, plan: &ClaimPlan) -> Result<Vec<PreparedGroup>, PrepareError> {
     let uid = &plan.claim.uid;
+    let config_states = apply_sharing(shared, plan)?;
+    let written = render_and_write(shared, plan);
+    if written.is_err() {
+        undo_sharing(shared, plan, &config_states);
+    }
+    written?;
+    Ok(plan
+        .groups
+        .iter()
+        .zip(config_states)
+        .map(|(group, config_state)| PreparedGroup {
+            devices: group
+                .devices
+                .iter()
+                .map(|d| recorded_device(uid, d))
+                .collect(),
+            config_state,
+            extra: Map::new(),
+        })
+        .collect())
+}
+
+/// The full GPUs of a group.
+fn full_gpus(group: &GroupPlan) -> Vec<&nvdra_gpu::GpuInfo> {
+    group
+        .devices
+        .iter()
+        .filter_map(|d| match &d.device {
+            AllocatableDevice::Gpu { info } => Some(info),
+            AllocatableDevice::Mig { .. } => None,
+        })
+        .collect()
+}
+
+/// Applies every group's sharing settings; one config state per group. On
+/// error nothing stays applied.
+fn apply_sharing(
+    shared: &Shared,
+    plan: &ClaimPlan,
+) -> Result<Vec<Map<String, serde_json::Value>>, PrepareError> {
+    let claim = plan.claim.to_string();
+    let mut states = Vec::with_capacity(plan.groups.len());
+    for group in &plan.groups {
+        let state = match group.time_slice {
+            Some(slice) => {
+                sharing::apply(shared.backend.as_ref(), &full_gpus(group), slice, &claim)
+            }
+            None => Ok(Map::new()),
+        };
+        match state {
+            Ok(state) => states.push(state),
+            Err(err) => {
+                undo_sharing(shared, plan, &states);
+                return Err(PrepareError::TimeSlice(err));
+            }
+        }
+    }
+    Ok(states)
+}
+
+/// Undoes what [`apply_sharing`] recorded for the first `states.len()` groups.
+fn undo_sharing(shared: &Shared, plan: &ClaimPlan, states: &[Map<String, serde_json::Value>]) {
+    let claim = plan.claim.to_string();
+    for (group, state) in plan.groups.iter().zip(states) {
+        if sharing::was_time_sliced(state) {
+            sharing::reset(shared.backend.as_ref(), full_gpus(group), &claim);
+        }
+    }
+}
+
+/// Renders and writes the claim's CDI spec.
+fn render_and_write(shared: &Shared, plan: &ClaimPlan) -> Result<(), PrepareError> {
+    let uid = &plan.claim.uid;
     let mut cdi_devices: Vec<ClaimDevice> = Vec::new();
-    for device in plan.groups.iter().flatten() {
+    for device in plan.groups.iter().flat_map(|g| &g.devices) {
         let name = device.device.name();
         if cdi_devices.iter().any(|d| d.name == name) {
             continue;
@@ -473,17 +549,8 @@ fn write_spec(shared: &Shared, plan: &ClaimPlan) -> Result<Vec<PreparedGroup>, P
     shared
         .cdi
         .write_claim_spec(uid, &spec)
-        .map_err(|err| PrepareError::Cdi(Box::new(err)))?;
-
-    Ok(plan
-        .groups
-        .iter()
-        .map(|group| PreparedGroup {
-            devices: group.iter().map(|d| recorded_device(uid, d)).collect(),
-            config_state: Map::new(),
-            extra: Map::new(),
-        })
-        .collect())
+        .map(|_path| ())
+        .map_err(|err| PrepareError::Cdi(Box::new(err)))
 }
 
 fn recorded_device(claim_uid: &str, plan: &DevicePlan) -> RecordedDevice {
@@ -522,6 +589,13 @@ pub(crate) fn device_info(device: &AllocatableDevice) -> DeviceInfo {
 
 /// Undoes a begun claim whose work failed: its spec (if any) and its entry.
 fn roll_back_after_failure(shared: &Shared, ledger: &mut Ledger, uid: &str) {
+    if let Some(entry) = ledger.state().claim(uid) {
+        sharing::reset(
+            shared.backend.as_ref(),
+            sharing::gpus_to_reset(&shared.devices, &shared.gates, entry),
+            uid,
+        );
+    }
     if let Err(err) = shared.cdi.remove_claim_spec(uid) {
         // The entry goes anyway: a spec without an entry is an orphan, removed at start-up.
         tracing::warn!(claim_uid = uid, error = %error_chain(&err), "cannot remove the CDI spec of a failed prepare");
