@@ -287,7 +287,8 @@ struct MockNvmlRoot {
 
 /// Lays out a mock-NVML node's own driver root: a copy of the cluster's,
 /// with the mock library as `usr/lib64/libnvidia-ml.so.1` (found first by
-/// the agent's discovery) and its config naming the node's profile, a state
+/// the agent's discovery) and its config naming the node's profile, the
+/// `nvidia-smi` stand-in (it records to `usr/bin/nvidia-smi.calls`), a state
 /// file beside the node's directories (so MIG devices outlive agent
 /// restarts, as on a GPU), and sysfs and procfs roots.
 fn mock_nvml_root(
@@ -329,6 +330,11 @@ fn mock_nvml_root(
             root.driver_root.display()
         );
     }
+    // The stand-in nvidia-smi, copied (not linked) so it records this node's
+    // calls beside itself.
+    let smi = root.driver_root.join("usr/bin/nvidia-smi");
+    std::fs::copy(tools.bin("nvdra-e2e-nvidia-smi")?, &smi)
+        .with_context(|| format!("copy the nvidia-smi stand-in to {}", smi.display()))?;
     let lib_dir = root.driver_root.join("usr/lib64");
     std::fs::create_dir_all(&lib_dir).with_context(|| format!("create {}", lib_dir.display()))?;
     std::fs::copy(&library, lib_dir.join("libnvidia-ml.so.1"))

@@ -143,6 +143,20 @@ const SCENARIOS: &[(&str, Scenario, u64)] = &[
     ),
 ];
 
+/// The scenarios of the mock-NVML cluster (`mock_nvml_spec`).
+const MOCK_NVML_SCENARIOS: &[(&str, Scenario, u64)] = &[
+    (
+        "mock_nvml_node",
+        |e| Box::pin(e2e::mocknvml::mock_nvml_node(e)),
+        180,
+    ),
+    (
+        "time_slicing_shares_a_gpu",
+        |e| Box::pin(e2e::mocknvml::time_slicing_shares_a_gpu(e)),
+        180,
+    ),
+];
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -213,20 +227,18 @@ fn main() -> ExitCode {
         tally(outcome, &mut passed, &mut failed);
     }
 
-    if wanted("mock_nvml_node") {
+    if MOCK_NVML_SCENARIOS.iter().any(|(n, ..)| wanted(n)) {
         let outcome = runtime.block_on(with_cluster(
             &tools,
             &base.join("mock-nvml"),
             mock_nvml_spec(),
             |env| async move {
-                let result = run_one(
-                    "mock_nvml_node",
-                    |e| Box::pin(e2e::mocknvml::mock_nvml_node(e)),
-                    env,
-                    180,
-                )
-                .await;
-                Ok(vec![("mock_nvml_node", result)])
+                let mut results = Vec::new();
+                for (name, scenario, secs) in MOCK_NVML_SCENARIOS.iter().filter(|(n, ..)| wanted(n))
+                {
+                    results.push((*name, run_one(name, *scenario, env.clone(), *secs).await));
+                }
+                Ok(results)
             },
         ));
         tally(outcome, &mut passed, &mut failed);
@@ -313,7 +325,7 @@ fn functional_spec() -> ClusterSpec {
 }
 
 /// One A100 node on the fake backend and one, with the same profile, on the
-/// NVML backend over the mock NVML library.
+/// NVML backend over the mock NVML library; time-slicing enabled.
 fn mock_nvml_spec() -> ClusterSpec {
     let profile = "a100-40gb-x8-mig";
     let mut nvml = NodeSpec::fake(e2e::mocknvml::NVML_NODE, profile);
@@ -321,7 +333,7 @@ fn mock_nvml_spec() -> ClusterSpec {
     ClusterSpec {
         nodes: vec![NodeSpec::fake(e2e::mocknvml::FAKE_NODE, profile), nvml],
         chart_sets: Vec::new(),
-        agent_extra: Vec::new(),
+        agent_extra: vec!["--feature-gates=TimeSlicingSettings=true".into()],
         controllers: 0,
         client_qps: None,
     }

@@ -140,3 +140,110 @@ spec:
     );
     Ok(())
 }
+
+/// What the NVML node's `nvidia-smi` stand-in was asked, one command a line.
+fn nvidia_smi_calls(env: &Env) -> Result<Vec<String>> {
+    let path = env
+        .cluster
+        .node_dirs(NVML_NODE)
+        .dir
+        .join("driver-root/usr/bin/nvidia-smi.calls");
+    match std::fs::read_to_string(&path) {
+        Ok(text) => Ok(text.lines().map(str::to_owned).collect()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(e).with_context(|| format!("read {}", path.display())),
+    }
+}
+
+/// Time-slicing on the NVML node (the cluster runs with
+/// `TimeSlicingSettings`): two pods share one claim's GPU configured with
+/// the `Long` interval; the agent set it through the driver root's
+/// `nvidia-smi` (and NVML's compute mode, which stays `Default`), and resets
+/// it to `Default` once neither pod uses the claim.
+pub async fn time_slicing_shares_a_gpu(env: Arc<Env>) -> Result<()> {
+    let ns = env.namespace("e2e-time-slicing").await?;
+    env.apply(&format!(
+        "apiVersion: resource.k8s.io/v1
+kind: ResourceClaim
+metadata: {{ namespace: {ns}, name: shared-long }}
+spec:
+  devices:
+    requests:
+    - name: gpu
+      exactly: {{ deviceClassName: gpu.nvidia.com }}
+    config:
+    - requests: [gpu]
+      opaque:
+        driver: gpu.nvidia.com
+        parameters:
+          apiVersion: resource.nvidia.com/v1beta1
+          kind: GpuConfig
+          sharing:
+            strategy: TimeSlicing
+            timeSlicingConfig: {{ interval: Long }}
+"
+    ))?;
+    for pod in ["ts-a", "ts-b"] {
+        env.create_pod(
+            &ns,
+            pod,
+            &[("gpu", "claim", "shared-long")],
+            Some(NVML_NODE),
+        )
+        .await?;
+    }
+    let a = env.running(&ns, "ts-a", RUNNING).await?;
+    env.running(&ns, "ts-b", RUNNING).await?;
+    let claim = env.pod_claim(&a, "gpu").await?;
+    let devices = allocated(&claim);
+    ensure!(devices.len() == 1, "one GPU shared: {devices:?}");
+    let (pool, name) = &devices[0];
+    ensure!(pool == NVML_NODE, "allocated from {pool}");
+    let uuid = env
+        .cluster
+        .node(NVML_NODE)?
+        .inventory()?
+        .gpus
+        .iter()
+        .find(|g| format!("gpu-{}", g.info.minor) == *name)
+        .map(|g| g.info.uuid.clone())
+        .with_context(|| format!("{name} is not a full GPU of the profile"))?;
+    let set = format!("compute-policy -i {uuid} --set-timeslice=3");
+    let calls = nvidia_smi_calls(&env)?;
+    ensure!(
+        calls.contains(&set),
+        "nvidia-smi was not asked for the Long slice ({set}); it was asked {calls:?}"
+    );
+    // The compute mode is NVML's, kept by the mock in its state file: a
+    // time-sliced GPU stays in the default mode (no entry).
+    let state_file = env
+        .cluster
+        .node_dirs(NVML_NODE)
+        .dir
+        .join("mock-nvml-state.json");
+    let state: Value = serde_json::from_str(
+        &std::fs::read_to_string(&state_file)
+            .with_context(|| format!("read {}", state_file.display()))?,
+    )?;
+    let mode = &state["compute_modes"][&uuid];
+    ensure!(
+        mode.is_null(),
+        "the mock recorded compute mode {mode} for {uuid}, not the default"
+    );
+
+    for pod in ["ts-a", "ts-b"] {
+        env.delete_pod(&ns, pod, Duration::from_secs(60)).await?;
+    }
+    let reset = format!("compute-policy -i {uuid} --set-timeslice=0");
+    nvdra_e2e::wait::until(
+        Duration::from_secs(30),
+        "the time slice to be reset after the last pod",
+        || async {
+            let calls = nvidia_smi_calls(&env)?;
+            let set_at = calls.iter().rposition(|c| *c == set);
+            let reset_at = calls.iter().rposition(|c| *c == reset);
+            Ok(matches!((set_at, reset_at), (Some(s), Some(r)) if r > s))
+        },
+    )
+    .await
+}
