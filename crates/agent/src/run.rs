@@ -88,6 +88,15 @@ pub enum Error {
     /// Both drivers are turned off.
     #[error("nothing to serve: both --gpus and --compute-domains are false")]
     NoDriver,
+    /// A feature gate is on whose feature this build does not have.
+    #[error(
+        "feature gate {gate} is enabled, but nvdra does not implement it yet; turn it off \
+         (--feature-gates={gate}=false, Helm value featureGates.{gate}=false)"
+    )]
+    UnimplementedGate {
+        /// The gate.
+        gate: &'static str,
+    },
     /// The IMEX facts or the NVLink clique of the node could not be read.
     #[error("read the node's IMEX channels and NVLink clique")]
     ReadImex(#[source] nvdra_gpu::Error),
@@ -133,6 +142,9 @@ pub async fn run(args: Args) -> Result<(), Error> {
     );
     if !args.gpus && !args.compute_domains {
         return Err(Error::NoDriver);
+    }
+    if let Some(gate) = unimplemented_gate(&args.feature_gates) {
+        return Err(Error::UnimplementedGate { gate: gate.name() });
     }
 
     let backend = open_backend(&args)?;
@@ -510,6 +522,20 @@ fn init_logging(args: &Args) -> Result<(), Error> {
     installed.map_err(|err| Error::InitLogging(err.to_string()))
 }
 
+/// Gates upstream has whose features this build lacks. Starting with one
+/// on would silently run without the feature, so the agent refuses to.
+const UNIMPLEMENTED_GATES: [FeatureGate; 4] = [
+    FeatureGate::MPSSupport,
+    FeatureGate::DynamicMIG,
+    FeatureGate::PassthroughSupport,
+    FeatureGate::NVMLDeviceHealthCheck,
+];
+
+/// The first enabled gate of [`UNIMPLEMENTED_GATES`].
+fn unimplemented_gate(gates: &FeatureGates) -> Option<FeatureGate> {
+    UNIMPLEMENTED_GATES.into_iter().find(|g| gates.enabled(*g))
+}
+
 fn builtin_profiles() -> String {
     let names: Vec<&str> = nvdra_gpu::fake::BUILTIN_PROFILES
         .iter()
@@ -632,5 +658,24 @@ async fn cleanup_loop<T: crate::cleanup::CleanupTarget>(
         ticker.tick().await;
         let report = crate::cleanup::cleanup_stale_claims(driver.as_ref(), &client).await;
         tracing::debug!(?report, "stale-claim clean-up pass done");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gates_without_their_feature_are_refused() {
+        assert_eq!(unimplemented_gate(&FeatureGates::default()), None);
+        let on = FeatureGates::default()
+            .with(FeatureGate::TimeSlicingSettings, true)
+            .with(FeatureGate::DynamicMIG, true);
+        assert_eq!(unimplemented_gate(&on), Some(FeatureGate::DynamicMIG));
+        assert_eq!(
+            Error::UnimplementedGate { gate: "DynamicMIG" }.to_string(),
+            "feature gate DynamicMIG is enabled, but nvdra does not implement it yet; turn it \
+             off (--feature-gates=DynamicMIG=false, Helm value featureGates.DynamicMIG=false)"
+        );
     }
 }
