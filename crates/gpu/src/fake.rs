@@ -110,16 +110,18 @@ impl FakeBackend {
         self.node.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Runs `f` on the node and the index of the GPU with `uuid`, under one
+    /// lock.
+    fn on_gpu<T>(&self, uuid: &str, f: impl FnOnce(&mut FakeNode, usize) -> T) -> Result<T, Error> {
+        let mut node = self.node();
+        let index = node.gpu_index(uuid).ok_or_else(|| Error::UnknownGpu {
+            uuid: uuid.to_owned(),
+        })?;
+        Ok(f(&mut node, index))
+    }
+
     fn gpu<T>(&self, gpu: &GpuInfo, f: impl FnOnce(&GpuInventory) -> T) -> Result<T, Error> {
-        let node = self.node();
-        node.inventory
-            .gpus
-            .iter()
-            .find(|g| g.info.uuid == gpu.uuid)
-            .map(f)
-            .ok_or_else(|| Error::UnknownGpu {
-                uuid: gpu.uuid.clone(),
-            })
+        self.on_gpu(&gpu.uuid, |node, i| f(&node.inventory.gpus[i]))
     }
 
     /// Runs a MIG change on the GPU with `uuid`.
@@ -129,11 +131,7 @@ impl FakeBackend {
         op: impl FnOnce() -> String,
         f: impl FnOnce(&mut FakeNode, usize) -> Result<T, MigRefusal>,
     ) -> Result<T, Error> {
-        let mut node = self.node();
-        let index = node.gpu_index(uuid).ok_or_else(|| Error::UnknownGpu {
-            uuid: uuid.to_owned(),
-        })?;
-        f(&mut node, index).map_err(|refusal| Error::MigRefused {
+        self.on_gpu(uuid, f)?.map_err(|refusal| Error::MigRefused {
             op: op(),
             gpu: uuid.to_owned(),
             refusal,
@@ -191,20 +189,15 @@ impl GpuBackend for FakeBackend {
     }
 
     fn compute_mode(&self, gpu: &GpuInfo) -> Result<ComputeMode, Error> {
-        self.gpu(gpu, |_| ())?;
-        Ok(self.node().compute_mode(&gpu.uuid))
+        self.on_gpu(&gpu.uuid, |node, _| node.compute_mode(&gpu.uuid))
     }
 
     fn set_compute_mode(&self, gpu: &GpuInfo, mode: ComputeMode) -> Result<(), Error> {
-        self.gpu(gpu, |_| ())?;
-        self.node().set_compute_mode(&gpu.uuid, mode);
-        Ok(())
+        self.on_gpu(&gpu.uuid, |node, _| node.set_compute_mode(&gpu.uuid, mode))
     }
 
     fn set_time_slice(&self, gpu: &GpuInfo, slice: TimeSlice) -> Result<(), Error> {
-        self.gpu(gpu, |_| ())?;
-        self.node().set_time_slice(&gpu.uuid, slice);
-        Ok(())
+        self.on_gpu(&gpu.uuid, |node, _| node.set_time_slice(&gpu.uuid, slice))
     }
 
     fn destroy_mig_device(&self, mig: &MigDeviceInfo) -> Result<(), Error> {

@@ -66,11 +66,7 @@ pub fn load(path: &Path) -> Result<Loaded, String> {
     let config: MockConfig = serde_saphyr::from_str(&text)
         .map_err(|e| format!("cannot parse {}: {e}", path.display()))?;
     let dir = path.parent().unwrap_or(Path::new("."));
-    let backend = match FakeBackend::builtin(&config.profile) {
-        Some(loaded) => loaded,
-        None => FakeBackend::from_file(dir.join(&config.profile)),
-    }
-    .map_err(|e| {
+    let backend = profile_backend(&config.profile, dir).map_err(|e| {
         format!(
             "profile {:?} of {}: {}",
             config.profile,
@@ -120,6 +116,12 @@ pub fn load(path: &Path) -> Result<Loaded, String> {
         proc_root,
         config_path: path.to_owned(),
     })
+}
+
+/// The fake backend of `profile`: a built-in name, or a file path relative
+/// to `dir`.
+pub fn profile_backend(profile: &str, dir: &Path) -> Result<FakeBackend, nvdra_gpu::Error> {
+    FakeBackend::builtin(profile).unwrap_or_else(|| FakeBackend::from_file(dir.join(profile)))
 }
 
 fn read_state(file: &Path) -> Result<FakeNode, String> {

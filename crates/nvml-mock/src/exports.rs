@@ -900,16 +900,17 @@ pub extern "C" fn nvmlDeviceCreateGpuInstanceWithPlacement(
     // placement the caller owns for the call.
     let placement = unsafe { placement.read() };
     change(|m| {
-        let size_ok = m
-            .full_gpu(device)
-            .ok()
-            .and_then(|(_, g)| profile(g, profile_id))
-            .is_some_and(|p| {
-                p.placements
-                    .iter()
-                    .any(|pl| pl.start == placement.start && pl.size == placement.size)
-            });
-        if !size_ok && m.full_gpu(device).is_ok_and(|(_, g)| g.info.mig_enabled) {
+        // With MIG on, a placement whose size is not the profile's is an
+        // invalid argument; otherwise the node's own rules decide.
+        let wrong_size = m.full_gpu(device).is_ok_and(|(_, g)| {
+            g.info.mig_enabled
+                && !profile(g, profile_id).is_some_and(|p| {
+                    p.placements
+                        .iter()
+                        .any(|pl| pl.start == placement.start && pl.size == placement.size)
+                })
+        });
+        if wrong_size {
             return Err(MigRefusal::InvalidArgument);
         }
         let (gpu, gi) = create_gi(m, device, profile_id, Some(placement.start))?;

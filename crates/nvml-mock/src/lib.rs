@@ -27,4 +27,5 @@
 
 pub mod config;
 mod exports;
+pub mod layout;
 pub mod procfs;

@@ -11,6 +11,7 @@ use std::ffi::{CStr, c_char, c_uint};
 use std::path::PathBuf;
 
 use nvdra_nvml_mock::config::CONFIG_FILE;
+use nvdra_nvml_mock::layout::built_library;
 use nvml_wrapper_sys::bindings::{self as sys, NvmlLib};
 
 const SUCCESS: u32 = sys::nvmlReturn_enum_NVML_SUCCESS;
@@ -24,13 +25,8 @@ const IN_USE: u32 = sys::nvmlReturn_enum_NVML_ERROR_IN_USE;
 const INSUFFICIENT_RESOURCES: u32 = sys::nvmlReturn_enum_NVML_ERROR_INSUFFICIENT_RESOURCES;
 
 fn mock_library() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let deps = exe.parent().unwrap();
-    [deps, deps.parent().unwrap()]
-        .into_iter()
-        .map(|d| d.join("libnvdra_nvml_mock.so"))
-        .find(|p| p.exists())
-        .expect("libnvdra_nvml_mock.so next to the test binary")
+    built_library(&std::env::current_exe().unwrap())
+        .expect("the mock library next to the test binary")
 }
 
 /// A private copy of the library (its own instance), with a config for

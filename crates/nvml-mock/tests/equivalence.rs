@@ -20,18 +20,14 @@ use nvdra_gpu::{
     FakeBackend, GpuBackend, GpuInfo, Inventory, MigDeviceInfo, NvmlBackend, NvmlOptions,
     conformance,
 };
-use nvdra_nvml_mock::config::{CONFIG_FILE, MockConfig};
+use nvdra_nvml_mock::config::MockConfig;
+use nvdra_nvml_mock::layout::{built_library, install};
 use pretty_assertions::assert_eq;
 
 /// The cdylib cargo built next to this test binary.
 fn mock_library() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let deps = exe.parent().unwrap();
-    [deps, deps.parent().unwrap()]
-        .into_iter()
-        .map(|d| d.join("libnvdra_nvml_mock.so"))
-        .find(|p| p.exists())
-        .expect("libnvdra_nvml_mock.so next to the test binary")
+    built_library(&std::env::current_exe().unwrap())
+        .expect("the mock library next to the test binary")
 }
 
 /// A driver root holding the mock library, configured for one profile.
@@ -46,32 +42,18 @@ impl MockRoot {
 
     fn with_state(profile: &str, state_file: Option<&Path>) -> Self {
         let dir = tempfile::tempdir().unwrap();
-        let lib_dir = dir.path().join("usr/lib64");
-        std::fs::create_dir_all(&lib_dir).unwrap();
-        std::fs::copy(mock_library(), lib_dir.join("libnvidia-ml.so.1")).unwrap();
         let config = MockConfig {
             profile: profile.to_owned(),
             state_file: state_file.map(Path::to_owned),
             proc_root: Some(dir.path().join("proc")),
         };
-        std::fs::write(
-            lib_dir.join(CONFIG_FILE),
-            serde_saphyr::to_string(&config).unwrap(),
+        install(
+            &mock_library(),
+            dir.path(),
+            &dir.path().join("sys"),
+            &config,
         )
         .unwrap();
-        // sysfs links like the kernel's, so PCIe roots resolve.
-        let devices = dir.path().join("sys/bus/pci/devices");
-        std::fs::create_dir_all(&devices).unwrap();
-        for gpu in fake(profile).inventory().unwrap().gpus {
-            if let Some(root) = &gpu.info.pcie_root {
-                let bdf = &gpu.info.pci_bus_id;
-                std::os::unix::fs::symlink(
-                    format!("../../../devices/{root}/{bdf}"),
-                    devices.join(bdf),
-                )
-                .unwrap();
-            }
-        }
         Self { dir }
     }
 

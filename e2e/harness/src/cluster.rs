@@ -385,20 +385,7 @@ fn short_link(dir: &Path) -> Result<PathBuf> {
 fn driver_root(tools: &Tools, dir: &Path) -> Result<PathBuf> {
     let fake = repo_root().join("crates/gpu/profiles/driver-root");
     let root = dir.join("driver-root");
-    std::fs::create_dir_all(&root).with_context(|| format!("create {}", root.display()))?;
-    let status = std::process::Command::new("cp")
-        .arg("-a")
-        .arg(fake.join("."))
-        .arg(&root)
-        .status()
-        .context("run cp")?;
-    if !status.success() {
-        bail!(
-            "copying {} to {} failed ({status})",
-            fake.display(),
-            root.display()
-        );
-    }
+    copy_tree(&fake, &root)?;
     let bin = root.join("usr/bin");
     for (standin, name) in [
         ("nvdra-e2e-imex", "nvidia-imex"),
@@ -409,6 +396,25 @@ fn driver_root(tools: &Tools, dir: &Path) -> Result<PathBuf> {
             .with_context(|| format!("link {name} -> {}", target.display()))?;
     }
     Ok(root)
+}
+
+/// Copies the tree `from` into `to` (created), keeping links and modes.
+pub(crate) fn copy_tree(from: &Path, to: &Path) -> Result<()> {
+    std::fs::create_dir_all(to).with_context(|| format!("create {}", to.display()))?;
+    let status = std::process::Command::new("cp")
+        .arg("-a")
+        .arg(from.join("."))
+        .arg(to)
+        .status()
+        .context("run cp")?;
+    if !status.success() {
+        bail!(
+            "copying {} to {} failed ({status})",
+            from.display(),
+            to.display()
+        );
+    }
+    Ok(())
 }
 
 fn load(dir: &Path) -> Result<State> {

@@ -44,7 +44,7 @@ pub struct NodeSpec {
 const MOCK_NVML_PREFIX: &str = "nvml:";
 
 /// The mock library as cargo builds it.
-pub const MOCK_NVML_LIBRARY: &str = "libnvdra_nvml_mock.so";
+pub const MOCK_NVML_LIBRARY: &str = nvdra_nvml_mock::layout::BUILT_LIBRARY;
 
 impl NodeSpec {
     /// A node on the fake backend.
@@ -235,7 +235,7 @@ pub fn start(tools: &Tools, launch: &NodeLaunch<'_>) -> Result<()> {
         format!("--node-name={}", launch.spec.name),
     ];
     let driver_root = if launch.spec.mock_nvml {
-        let root = mock_nvml_root(tools, launch, &inventory)?;
+        let root = mock_nvml_root(tools, launch)?;
         agent.extend([
             "--device-backend=nvml".into(),
             format!("--sysfs-root={}", root.sysfs.display()),
@@ -291,11 +291,7 @@ struct MockNvmlRoot {
 /// `nvidia-smi` stand-in (it records to `usr/bin/nvidia-smi.calls`), a state
 /// file beside the node's directories (so MIG devices outlive agent
 /// restarts, as on a GPU), and sysfs and procfs roots.
-fn mock_nvml_root(
-    tools: &Tools,
-    launch: &NodeLaunch<'_>,
-    inventory: &Inventory,
-) -> Result<MockNvmlRoot> {
+fn mock_nvml_root(tools: &Tools, launch: &NodeLaunch<'_>) -> Result<MockNvmlRoot> {
     let dir = &launch.dirs.dir;
     let library = tools.bin_dir.join(MOCK_NVML_LIBRARY);
     if !library.is_file() {
@@ -315,30 +311,12 @@ fn mock_nvml_root(
             std::fs::remove_dir_all(d).with_context(|| format!("remove {}", d.display()))?;
         }
     }
-    std::fs::create_dir_all(&root.driver_root)
-        .with_context(|| format!("create {}", root.driver_root.display()))?;
-    let status = std::process::Command::new("cp")
-        .arg("-a")
-        .arg(launch.driver_root.join("."))
-        .arg(&root.driver_root)
-        .status()
-        .context("run cp")?;
-    if !status.success() {
-        bail!(
-            "copying {} to {} failed ({status})",
-            launch.driver_root.display(),
-            root.driver_root.display()
-        );
-    }
+    crate::cluster::copy_tree(launch.driver_root, &root.driver_root)?;
     // The stand-in nvidia-smi, copied (not linked) so it records this node's
     // calls beside itself.
     let smi = root.driver_root.join("usr/bin/nvidia-smi");
     std::fs::copy(tools.bin("nvdra-e2e-nvidia-smi")?, &smi)
         .with_context(|| format!("copy the nvidia-smi stand-in to {}", smi.display()))?;
-    let lib_dir = root.driver_root.join("usr/lib64");
-    std::fs::create_dir_all(&lib_dir).with_context(|| format!("create {}", lib_dir.display()))?;
-    std::fs::copy(&library, lib_dir.join("libnvidia-ml.so.1"))
-        .with_context(|| format!("copy {}", library.display()))?;
     let profile = match nvdra_gpu::FakeBackend::builtin(&launch.spec.profile) {
         Some(_) => launch.spec.profile.clone(),
         None => path(
@@ -351,21 +329,9 @@ fn mock_nvml_root(
         state_file: Some(dir.join("mock-nvml-state.json")),
         proc_root: Some(root.proc.clone()),
     };
-    let config_path = lib_dir.join(nvdra_nvml_mock::config::CONFIG_FILE);
-    std::fs::write(&config_path, serde_saphyr::to_string(&config)?)
-        .with_context(|| format!("write {}", config_path.display()))?;
-    let devices = root.sysfs.join("bus/pci/devices");
-    std::fs::create_dir_all(&devices).with_context(|| format!("create {}", devices.display()))?;
-    for gpu in &inventory.gpus {
-        if let Some(pcie_root) = &gpu.info.pcie_root {
-            let bdf = &gpu.info.pci_bus_id;
-            std::os::unix::fs::symlink(
-                format!("../../../devices/{pcie_root}/{bdf}"),
-                devices.join(bdf),
-            )
-            .with_context(|| format!("link {bdf} in {}", devices.display()))?;
-        }
-    }
+    nvdra_nvml_mock::layout::install(&library, &root.driver_root, &root.sysfs, &config)
+        .map_err(anyhow::Error::msg)
+        .with_context(|| format!("lay out the mock NVML node {}", launch.spec.name))?;
     Ok(root)
 }
 
