@@ -23,12 +23,13 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
-use k8s_openapi::api::resource::v1::{Device, DeviceAttribute, DeviceCapacity};
+use k8s_openapi::api::resource::v1::{CounterSet, Device, DeviceAttribute, DeviceCapacity};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use nvdra_api::names::device_types;
 use nvdra_gpu::attributes::{self, AttributeValue, Attributes, Capacities};
-use nvdra_gpu::{DriverInfo, GpuInfo, Inventory, MigDeviceInfo, gpu_device_name};
+use nvdra_gpu::{DriverInfo, GpuInfo, GpuInventory, Inventory, MigDeviceInfo, gpu_device_name};
 
+pub mod partitions;
 #[cfg(test)]
 mod tests;
 
@@ -75,6 +76,9 @@ pub enum AllocatableDevice {
         /// The MIG device.
         mig: MigDeviceInfo,
     },
+    /// A MIG device that Prepare creates (DynamicMIG): a profile at a
+    /// placement.
+    Partition(partitions::Partition),
 }
 
 impl AllocatableDevice {
@@ -83,6 +87,7 @@ impl AllocatableDevice {
         match self {
             Self::Gpu { info } => gpu_device_name(info.minor),
             Self::Mig { mig, .. } => mig.device_name(),
+            Self::Partition(p) => p.name(),
         }
     }
 
@@ -90,15 +95,17 @@ impl AllocatableDevice {
     pub fn device_type(&self) -> DeviceType {
         match self {
             Self::Gpu { .. } => DeviceType::Gpu,
-            Self::Mig { .. } => DeviceType::Mig,
+            Self::Mig { .. } | Self::Partition(_) => DeviceType::Mig,
         }
     }
 
-    /// The device's own UUID (`GPU-…` or `MIG-…`).
+    /// The device's own UUID (`GPU-…` or `MIG-…`); a partition has none
+    /// until it is created, and answers with its GPU's.
     pub fn uuid(&self) -> &str {
         match self {
             Self::Gpu { info } => &info.uuid,
             Self::Mig { mig, .. } => &mig.uuid,
+            Self::Partition(p) => &p.parent.uuid,
         }
     }
 
@@ -107,6 +114,7 @@ impl AllocatableDevice {
         match self {
             Self::Gpu { info } => info,
             Self::Mig { parent, .. } => parent,
+            Self::Partition(p) => &p.parent,
         }
     }
 
@@ -115,6 +123,9 @@ impl AllocatableDevice {
         match self {
             Self::Gpu { info } => attributes::gpu_attributes(driver, info),
             Self::Mig { parent, mig } => attributes::mig_attributes(driver, parent, mig),
+            Self::Partition(p) => {
+                attributes::partition_attributes(driver, &p.parent, &p.profile.name)
+            }
         }
     }
 
@@ -123,6 +134,7 @@ impl AllocatableDevice {
         match self {
             Self::Gpu { info } => attributes::gpu_capacities(info),
             Self::Mig { mig, .. } => attributes::mig_capacities(mig),
+            Self::Partition(p) => attributes::partition_capacities(&p.profile.capacities),
         }
     }
 
@@ -147,14 +159,58 @@ impl AllocatableDevice {
     }
 }
 
+/// How MIG-capable GPUs are offered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Partitioning {
+    /// MIG devices that exist (MIG on), or the full GPU (MIG off).
+    Static,
+    /// DynamicMIG: the full GPU and every profile x placement, sharing the
+    /// GPU's counters; Prepare creates the MIG device. Hopper and later
+    /// only, or an Ampere GPU whose MIG mode is already on (changing it
+    /// needs a GPU reset there), which then offers partitions only. Other
+    /// GPUs (no MIG, or Ampere with MIG off) are offered statically, so a
+    /// node mixing MIG-capable and other GPUs still publishes all of them.
+    Dynamic,
+}
+
+/// Whether `gpu` is offered as partitions under `mode`, and whether its
+/// full GPU is offered too.
+fn dynamic_offer(gpu: &GpuInventory, mode: Partitioning) -> Option<bool> {
+    let capable = mode == Partitioning::Dynamic && !gpu.mig_profiles.is_empty();
+    let ampere = gpu.info.architecture == nvdra_gpu::Architecture::Ampere;
+    match (capable, ampere, gpu.info.mig_enabled) {
+        (false, ..) | (true, true, false) => None,
+        (true, true, true) => Some(false),
+        (true, false, _) => Some(true),
+    }
+}
+
+/// Every device this node offers, statically partitioned (see
+/// [`allocatable_index_with`]).
+pub fn allocatable_index(inventory: &Inventory) -> BTreeMap<String, AllocatableDevice> {
+    allocatable_index_with(inventory, Partitioning::Static)
+}
+
 /// Every device this node offers, by published name (byte-wise order, as upstream sorts).
 ///
-/// Logs a warning for each MIG-enabled GPU without MIG devices.
-pub fn allocatable_index(inventory: &Inventory) -> BTreeMap<String, AllocatableDevice> {
+/// Logs a warning for each MIG-enabled GPU without MIG devices (static mode).
+pub fn allocatable_index_with(
+    inventory: &Inventory,
+    mode: Partitioning,
+) -> BTreeMap<String, AllocatableDevice> {
     let mut index = BTreeMap::new();
     for gpu in &inventory.gpus {
         let info = &gpu.info;
-        let offered: Vec<AllocatableDevice> = if info.mig_enabled {
+        let offered: Vec<AllocatableDevice> = if let Some(with_full) = dynamic_offer(gpu, mode) {
+            let full = with_full.then(|| AllocatableDevice::Gpu { info: info.clone() });
+            full.into_iter()
+                .chain(
+                    partitions::partitions(gpu)
+                        .into_iter()
+                        .map(AllocatableDevice::Partition),
+                )
+                .collect()
+        } else if info.mig_enabled {
             if gpu.mig_devices.is_empty() {
                 tracing::warn!(
                     gpu = %info.uuid,
@@ -186,10 +242,59 @@ pub fn allocatable_index(inventory: &Inventory) -> BTreeMap<String, AllocatableD
 
 /// The devices to publish for this node, sorted by name (the scheduler allocates first-fit).
 pub fn node_devices(inventory: &Inventory) -> Vec<Device> {
-    allocatable_index(inventory)
+    publish(
+        inventory,
+        &allocatable_index(inventory),
+        Partitioning::Static,
+    )
+    .0
+}
+
+/// What a node publishes for `index`: its devices, each with the counters it
+/// consumes, and the counter sets of its dynamically partitioned GPUs.
+pub fn publish(
+    inventory: &Inventory,
+    index: &BTreeMap<String, AllocatableDevice>,
+    mode: Partitioning,
+) -> (Vec<Device>, Vec<CounterSet>) {
+    let counters: BTreeMap<u32, partitions::Counters> = inventory
+        .gpus
+        .iter()
+        .filter(|gpu| dynamic_offer(gpu, mode).is_some())
+        .filter_map(|gpu| partitions::gpu_counters(gpu).map(|c| (gpu.info.minor, c)))
+        .collect();
+    let devices = index
         .values()
-        .map(|device| device.to_device(&inventory.driver))
-        .collect()
+        .map(|device| {
+            let mut published = device.to_device(&inventory.driver);
+            let consumes = match device {
+                AllocatableDevice::Partition(p) => {
+                    Some(partitions::consumption(p.parent.minor, &p.counters()))
+                }
+                AllocatableDevice::Gpu { info } => counters.get(&info.minor).map(|all| {
+                    // Upstream also publishes the engines a whole GPU has
+                    // (the largest profile's) as capacities in this mode.
+                    let capacity = published.capacity.get_or_insert_with(BTreeMap::new);
+                    for (name, value) in partitions::engine_capacities(all) {
+                        capacity
+                            .entry(name)
+                            .or_insert_with(|| device_capacity(value));
+                    }
+                    partitions::consumption(info.minor, all)
+                }),
+                AllocatableDevice::Mig { .. } => None,
+            };
+            published.consumes_counters = consumes.map(|c| vec![c]);
+            published
+        })
+        .collect();
+    let sets = inventory
+        .gpus
+        .iter()
+        .filter(|gpu| counters.contains_key(&gpu.info.minor))
+        .filter_map(partitions::counter_set)
+        .collect();
+    (devices, sets)
 }
 
 /// Maps an attribute value onto the one-of [`DeviceAttribute`].

@@ -68,9 +68,10 @@ use crate::cdi::{self, CdiStore, CommonEdits};
 use crate::checkpoint::{
     self, CheckpointState, CheckpointStore, ClaimEntry, ClaimState, LoadOutcome,
 };
-use crate::devices::{AllocatableDevice, allocatable_index};
+use crate::devices::{AllocatableDevice, Partitioning, allocatable_index_with};
 use crate::metrics::{ErrorType, Metrics, Operation};
 
+pub(crate) mod dynamic_mig;
 pub(crate) mod ledger;
 pub mod prepare;
 pub(crate) mod sharing;
@@ -175,6 +176,7 @@ pub(crate) struct Shared {
     metrics: Metrics,
     devices: BTreeMap<String, AllocatableDevice>,
     published: Vec<Device>,
+    counter_sets: Vec<k8s_openapi::api::resource::v1::CounterSet>,
     node_lock_path: PathBuf,
     ledger: Mutex<Ledger>,
     fault: OnceLock<FaultHook>,
@@ -221,11 +223,13 @@ impl GpuDriver {
         })?;
 
         let inventory = backend.inventory().map_err(Error::Inventory)?;
-        let devices = allocatable_index(&inventory);
-        let published = devices
-            .values()
-            .map(|device| device.to_device(&inventory.driver))
-            .collect();
+        let partitioning = if gates.enabled(nvdra_api::FeatureGate::DynamicMIG) {
+            Partitioning::Dynamic
+        } else {
+            Partitioning::Static
+        };
+        let devices = allocatable_index_with(&inventory, partitioning);
+        let (published, counter_sets) = crate::devices::publish(&inventory, &devices, partitioning);
 
         let store = CheckpointStore::new(&plugin_data_dir);
         let loaded = store.load(&boot_id).map_err(Error::LoadCheckpoint)?;
@@ -243,12 +247,15 @@ impl GpuDriver {
             problems: Vec::new(),
         };
         recover(&cdi, &mut ledger, &mut startup, &|entry, claim| {
-            sharing::reset(
-                backend.as_ref(),
-                sharing::gpus_to_reset(&devices, &gates, entry),
-                claim,
-            );
+            undo_entry(backend.as_ref(), &devices, &gates, entry, claim);
         })?;
+        let destroyed = dynamic_mig::tear_down_unowned(backend.as_ref(), &devices, ledger.state());
+        if !destroyed.is_empty() {
+            tracing::info!(
+                count = destroyed.len(),
+                "destroyed MIG devices no claim holds"
+            );
+        }
         drop(node_lock);
 
         tracing::info!(
@@ -269,6 +276,7 @@ impl GpuDriver {
             metrics,
             devices,
             published,
+            counter_sets,
             node_lock_path,
             ledger: Mutex::new(ledger),
             fault: OnceLock::new(),
@@ -286,7 +294,7 @@ impl GpuDriver {
     pub fn node_resources(&self) -> NodeResources {
         NodeResources {
             devices: self.shared.published.clone(),
-            shared_counters: Vec::new(),
+            shared_counters: self.shared.counter_sets.clone(),
         }
     }
 
@@ -589,6 +597,25 @@ pub(crate) fn lock_node(path: &Path) -> std::io::Result<File> {
 /// corrupt checkpoint, orphaned specs are kept and listed in [`Startup::unaccounted_specs`]
 /// instead: the lost entries may describe claims whose pods still run, and removing their
 /// specs would break every container restart in them.
+/// Undoes every host change a claim's entry may stand for: resets
+/// time-sliced GPUs and destroys the MIG devices of its partitions.
+pub(crate) fn undo_entry(
+    backend: &dyn nvdra_gpu::GpuBackend,
+    devices: &BTreeMap<String, AllocatableDevice>,
+    gates: &nvdra_api::FeatureGates,
+    entry: &checkpoint::ClaimEntry,
+    claim: &str,
+) {
+    sharing::reset(
+        backend,
+        sharing::gpus_to_reset(devices, gates, entry),
+        claim,
+    );
+    for partition in dynamic_mig::partitions_of(devices, entry) {
+        dynamic_mig::destroy(backend, partition, claim);
+    }
+}
+
 /// `undo` is called with each rolled-back claim's entry first, to undo host changes beyond
 /// the spec (the GPU driver resets time slices).
 pub(crate) fn recover(

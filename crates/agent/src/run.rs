@@ -524,9 +524,8 @@ fn init_logging(args: &Args) -> Result<(), Error> {
 
 /// Gates upstream has whose features this build lacks. Starting with one
 /// on would silently run without the feature, so the agent refuses to.
-const UNIMPLEMENTED_GATES: [FeatureGate; 4] = [
+const UNIMPLEMENTED_GATES: [FeatureGate; 3] = [
     FeatureGate::MPSSupport,
-    FeatureGate::DynamicMIG,
     FeatureGate::PassthroughSupport,
     FeatureGate::NVMLDeviceHealthCheck,
 ];
@@ -671,11 +670,15 @@ mod tests {
         let on = FeatureGates::default()
             .with(FeatureGate::TimeSlicingSettings, true)
             .with(FeatureGate::DynamicMIG, true);
-        assert_eq!(unimplemented_gate(&on), Some(FeatureGate::DynamicMIG));
+        assert_eq!(unimplemented_gate(&on), None);
+        let mps = on
+            .with(FeatureGate::DynamicMIG, false)
+            .with(FeatureGate::MPSSupport, true);
+        assert_eq!(unimplemented_gate(&mps), Some(FeatureGate::MPSSupport));
         assert_eq!(
-            Error::UnimplementedGate { gate: "DynamicMIG" }.to_string(),
-            "feature gate DynamicMIG is enabled, but nvdra does not implement it yet; turn it \
-             off (--feature-gates=DynamicMIG=false, Helm value featureGates.DynamicMIG=false)"
+            Error::UnimplementedGate { gate: "MPSSupport" }.to_string(),
+            "feature gate MPSSupport is enabled, but nvdra does not implement it yet; turn it \
+             off (--feature-gates=MPSSupport=false, Helm value featureGates.MPSSupport=false)"
         );
     }
 }

@@ -60,6 +60,39 @@ pub fn mig_attributes(driver: &DriverInfo, parent: &GpuInfo, mig: &MigDeviceInfo
     attrs
 }
 
+/// Attributes of a dynamic MIG partition (`type` = `mig`): as a static MIG
+/// device's, without a `uuid` (the device does not exist until a claim
+/// creates it).
+pub fn partition_attributes(driver: &DriverInfo, parent: &GpuInfo, profile: &str) -> Attributes {
+    let mut attrs = common(driver, parent);
+    let s = |v: &str| AttributeValue::String(v.to_owned());
+    attrs.insert("type".into(), s("mig"));
+    attrs.insert("parentUUID".into(), s(&parent.uuid));
+    attrs.insert("profile".into(), s(profile));
+    attrs
+}
+
+/// Capacities of a dynamic MIG partition: its profile's engines and memory
+/// (no `memorySlice<i>`; slices are counters in that mode).
+pub fn partition_capacities(c: &crate::mig::MigCapacities) -> Capacities {
+    engine_capacities(c)
+}
+
+fn engine_capacities(c: &crate::mig::MigCapacities) -> Capacities {
+    [
+        ("multiprocessors", u64::from(c.multiprocessors)),
+        ("copyEngines", u64::from(c.copy_engines)),
+        ("decoders", u64::from(c.decoders)),
+        ("encoders", u64::from(c.encoders)),
+        ("jpegEngines", u64::from(c.jpeg_engines)),
+        ("ofaEngines", u64::from(c.ofa_engines)),
+        ("memory", c.memory_bytes),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect()
+}
+
 /// Capacities of a full GPU: `memory` when known.
 pub fn gpu_capacities(gpu: &GpuInfo) -> Capacities {
     gpu.memory_bytes
@@ -71,19 +104,7 @@ pub fn gpu_capacities(gpu: &GpuInfo) -> Capacities {
 /// Capacities of a static MIG device: engines, memory and one
 /// `memorySlice<i>` per occupied slice.
 pub fn mig_capacities(mig: &MigDeviceInfo) -> Capacities {
-    let c = &mig.capacities;
-    let mut caps: Capacities = [
-        ("multiprocessors", u64::from(c.multiprocessors)),
-        ("copyEngines", u64::from(c.copy_engines)),
-        ("decoders", u64::from(c.decoders)),
-        ("encoders", u64::from(c.encoders)),
-        ("jpegEngines", u64::from(c.jpeg_engines)),
-        ("ofaEngines", u64::from(c.ofa_engines)),
-        ("memory", c.memory_bytes),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v))
-    .collect();
+    let mut caps = engine_capacities(&mig.capacities);
     caps.extend(mig.memory_slices().map(|i| (format!("memorySlice{i}"), 1)));
     caps
 }

@@ -598,10 +598,14 @@ fn mig_devices(
     gpu: &GpuInfo,
     profiles: &[MigProfile],
 ) -> Result<Vec<MigDeviceInfo>, Error> {
-    if !gpu.mig_enabled {
+    let op = |name: &str, detail: String| format!("{name}({}{detail})", gpu.uuid);
+    // The GPU's MIG mode now, not as `gpu` (perhaps read before a change)
+    // says: the device list must follow the hardware, as the fake's does.
+    let mode = optional(device.mig_mode())
+        .map_err(Error::nvml(op("nvmlDeviceGetMigMode", String::new())))?;
+    if mode.is_none_or(|m| m.current != 1) {
         return Ok(Vec::new());
     }
-    let op = |name: &str, detail: String| format!("{name}({}{detail})", gpu.uuid);
     let max = device.mig_device_count().map_err(Error::nvml(op(
         "nvmlDeviceGetMaxMigDeviceCount",
         String::new(),

@@ -237,6 +237,27 @@ fn mig_changes_round_trip_identically() {
     }
 }
 
+/// A caller's `GpuInfo` may predate a MIG mode change; the device list
+/// follows the hardware on both backends, not the caller's copy.
+#[test]
+fn mig_devices_follow_the_gpu_not_a_stale_copy() {
+    for (name, _) in BUILTIN_PROFILES {
+        let fake = fake(name);
+        let root = MockRoot::new(name);
+        let nvml = root.open();
+        for gpu in fake.gpus().unwrap() {
+            let mut stale = gpu.clone();
+            stale.mig_enabled = !gpu.mig_enabled;
+            same(
+                &format!("{name} GPU {}", gpu.index),
+                fake.mig_devices(&stale),
+                nvml.mig_devices(&stale),
+            )
+            .unwrap();
+        }
+    }
+}
+
 #[test]
 fn compute_modes_round_trip_identically() {
     use nvdra_gpu::ComputeMode;

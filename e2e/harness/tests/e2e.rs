@@ -244,6 +244,25 @@ fn main() -> ExitCode {
         tally(outcome, &mut passed, &mut failed);
     }
 
+    if wanted("dynamic_mig_mixed_profiles") {
+        let outcome = runtime.block_on(with_cluster(
+            &tools,
+            &base.join("dynamic-mig"),
+            dynamic_mig_spec(),
+            |env| async move {
+                let result = run_one(
+                    "dynamic_mig_mixed_profiles",
+                    |e| Box::pin(e2e::mocknvml::dynamic_mig_mixed_profiles(e)),
+                    env,
+                    180,
+                )
+                .await;
+                Ok(vec![("dynamic_mig_mixed_profiles", result)])
+            },
+        ));
+        tally(outcome, &mut passed, &mut failed);
+    }
+
     if wanted("cd_scale") {
         let outcome = match scale_spec(&base, args.scale_client_qps) {
             Ok(spec) => runtime.block_on(with_cluster(
@@ -334,6 +353,19 @@ fn mock_nvml_spec() -> ClusterSpec {
         nodes: vec![NodeSpec::fake(e2e::mocknvml::FAKE_NODE, profile), nvml],
         chart_sets: Vec::new(),
         agent_extra: vec!["--feature-gates=TimeSlicingSettings=true".into()],
+        controllers: 0,
+        client_qps: None,
+    }
+}
+
+/// One H100 node on the NVML backend over the mock library, with DynamicMIG.
+fn dynamic_mig_spec() -> ClusterSpec {
+    let mut node = NodeSpec::fake(e2e::mocknvml::DYNAMIC_NODE, "h100-sxm-80gb-x8");
+    node.mock_nvml = true;
+    ClusterSpec {
+        nodes: vec![node],
+        chart_sets: Vec::new(),
+        agent_extra: vec!["--feature-gates=DynamicMIG=true".into()],
         controllers: 0,
         client_qps: None,
     }

@@ -25,6 +25,8 @@
 //! on it and leaves the ledger dirty (see the `ledger` module), so the kubelet's retry first
 //! makes the file current.
 
+use std::collections::BTreeMap;
+
 use k8s_openapi::api::resource::v1::DeviceRequestAllocationResult;
 use nvdra_api::config::{GpuConfig, MigDeviceConfig, SharingStrategy};
 use nvdra_kubelet_plugin::error::error_chain;
@@ -32,7 +34,7 @@ use nvdra_kubelet_plugin::{ClaimError, PrepareClaim, PrepareResults};
 use serde_json::Map;
 
 use super::ledger::Ledger;
-use super::{FaultPoint, Shared, sharing};
+use super::{FaultPoint, Shared, dynamic_mig, sharing};
 use crate::cdi::{self, ClaimDevice, qualified_device_id, render_claim_spec};
 use crate::checkpoint::{
     self, AllocatedDevice, BeginOutcome, DeviceInfo, PreparedDevice as RecordedDevice, PreparedGpu,
@@ -94,6 +96,16 @@ pub enum PrepareError {
     /// claim of the batch).
     #[error("cannot record the claim in the checkpoint: {0}")]
     Checkpoint(String),
+    /// A MIG device could not be created for an allocated partition, or MIG
+    /// mode could not be switched for a whole GPU.
+    #[error("cannot set up device {device:?}")]
+    DynamicMig {
+        /// The allocated device.
+        device: String,
+        /// The device layer's error (a refusal names the driver's reason).
+        #[source]
+        source: Box<nvdra_gpu::Error>,
+    },
     /// A GPU's time slice could not be set.
     #[error(transparent)]
     TimeSlice(Box<super::sharing::ApplyError>),
@@ -396,11 +408,7 @@ fn begin(
                     .cdi
                     .remove_claim_spec(&plan.claim.uid)
                     .map_err(|err| (PrepareError::RollBack(Box::new(err)), false))?;
-                sharing::reset(
-                    shared.backend.as_ref(),
-                    sharing::gpus_to_reset(&shared.devices, &shared.gates, &entry),
-                    &plan.claim.to_string(),
-                );
+                undo_entry(shared, &entry, &plan.claim.to_string());
                 ledger.state_mut().remove(&plan.claim.uid);
                 rolled_back = true;
             }
@@ -459,10 +467,18 @@ fn write_specs(
 /// Renders and writes the claim's CDI spec; returns the groups to record.
 fn write_spec(shared: &Shared, plan: &ClaimPlan) -> Result<Vec<PreparedGroup>, PrepareError> {
     let uid = &plan.claim.uid;
-    let config_states = apply_sharing(shared, plan)?;
-    let written = render_and_write(shared, plan);
+    let concrete = materialize(shared, plan)?;
+    let config_states = match apply_sharing(shared, plan) {
+        Ok(states) => states,
+        Err(err) => {
+            undo_materialize(shared, plan);
+            return Err(err);
+        }
+    };
+    let written = render_and_write(shared, plan, &concrete);
     if written.is_err() {
         undo_sharing(shared, plan, &config_states);
+        undo_materialize(shared, plan);
     }
     written?;
     Ok(plan
@@ -473,12 +489,72 @@ fn write_spec(shared: &Shared, plan: &ClaimPlan) -> Result<Vec<PreparedGroup>, P
             devices: group
                 .devices
                 .iter()
-                .map(|d| recorded_device(uid, d))
+                .map(|d| recorded_device(uid, d, concrete_of(&concrete, &d.device)))
                 .collect(),
             config_state,
             extra: Map::new(),
         })
         .collect())
+}
+
+/// The device as it exists once prepared: a created MIG device for a
+/// partition, the device itself otherwise.
+fn concrete_of<'a>(
+    concrete: &'a BTreeMap<String, AllocatableDevice>,
+    device: &'a AllocatableDevice,
+) -> &'a AllocatableDevice {
+    concrete.get(&device.name()).unwrap_or(device)
+}
+
+/// Creates the MIG device of every partition of the claim (and turns MIG
+/// off for whole GPUs that are partitioned dynamically); the created
+/// devices by published name. On error nothing stays created.
+fn materialize(
+    shared: &Shared,
+    plan: &ClaimPlan,
+) -> Result<BTreeMap<String, AllocatableDevice>, PrepareError> {
+    let backend = shared.backend.as_ref();
+    let mut concrete = BTreeMap::new();
+    for device in plan.groups.iter().flat_map(|g| &g.devices) {
+        if device.admin_access {
+            continue;
+        }
+        let name = device.device.name();
+        let result = match &device.device {
+            AllocatableDevice::Partition(p) if !concrete.contains_key(&name) => {
+                dynamic_mig::create(backend, p).map(|mig| {
+                    let mut parent = p.parent.clone();
+                    parent.mig_enabled = true;
+                    concrete.insert(name.clone(), AllocatableDevice::Mig { parent, mig });
+                })
+            }
+            AllocatableDevice::Gpu { info }
+                if dynamic_mig::is_partitioned(&shared.devices, info.minor) =>
+            {
+                dynamic_mig::prepare_full_gpu(backend, info)
+            }
+            _ => Ok(()),
+        };
+        if let Err(source) = result {
+            undo_materialize(shared, plan);
+            return Err(PrepareError::DynamicMig {
+                device: name,
+                source: Box::new(source),
+            });
+        }
+    }
+    Ok(concrete)
+}
+
+/// Destroys the MIG devices of the claim's partitions (found by placement,
+/// so ones never created are skipped).
+fn undo_materialize(shared: &Shared, plan: &ClaimPlan) {
+    let claim = plan.claim.to_string();
+    for device in plan.groups.iter().flat_map(|g| &g.devices) {
+        if let (AllocatableDevice::Partition(p), false) = (&device.device, device.admin_access) {
+            dynamic_mig::destroy(shared.backend.as_ref(), p, &claim);
+        }
+    }
 }
 
 /// The full GPUs of a group.
@@ -488,7 +564,7 @@ fn full_gpus(group: &GroupPlan) -> Vec<&nvdra_gpu::GpuInfo> {
         .iter()
         .filter_map(|d| match &d.device {
             AllocatableDevice::Gpu { info } => Some(info),
-            AllocatableDevice::Mig { .. } => None,
+            AllocatableDevice::Mig { .. } | AllocatableDevice::Partition(_) => None,
         })
         .collect()
 }
@@ -530,7 +606,11 @@ fn undo_sharing(shared: &Shared, plan: &ClaimPlan, states: &[Map<String, serde_j
 }
 
 /// Renders and writes the claim's CDI spec.
-fn render_and_write(shared: &Shared, plan: &ClaimPlan) -> Result<(), PrepareError> {
+fn render_and_write(
+    shared: &Shared,
+    plan: &ClaimPlan,
+    concrete: &BTreeMap<String, AllocatableDevice>,
+) -> Result<(), PrepareError> {
     let uid = &plan.claim.uid;
     let mut cdi_devices: Vec<ClaimDevice> = Vec::new();
     for device in plan.groups.iter().flat_map(|g| &g.devices) {
@@ -538,10 +618,15 @@ fn render_and_write(shared: &Shared, plan: &ClaimPlan) -> Result<(), PrepareErro
         if cdi_devices.iter().any(|d| d.name == name) {
             continue;
         }
-        cdi_devices.push(match &device.device {
+        cdi_devices.push(match concrete_of(concrete, &device.device) {
             AllocatableDevice::Gpu { info } => ClaimDevice::gpu(shared.backend.as_ref(), info),
             AllocatableDevice::Mig { mig, .. } => ClaimDevice::mig(shared.backend.as_ref(), mig)
                 .map_err(|err| PrepareError::Cdi(Box::new(err)))?,
+            AllocatableDevice::Partition(_) => {
+                return Err(PrepareError::Internal(format!(
+                    "partition {name} reached the CDI spec without its MIG device"
+                )));
+            }
         });
     }
     let spec = render_claim_spec(uid, &cdi_devices, &shared.common_edits)
@@ -553,7 +638,11 @@ fn render_and_write(shared: &Shared, plan: &ClaimPlan) -> Result<(), PrepareErro
         .map_err(|err| PrepareError::Cdi(Box::new(err)))
 }
 
-fn recorded_device(claim_uid: &str, plan: &DevicePlan) -> RecordedDevice {
+fn recorded_device(
+    claim_uid: &str,
+    plan: &DevicePlan,
+    concrete: &AllocatableDevice,
+) -> RecordedDevice {
     let name = plan.device.name();
     RecordedDevice {
         requests: vec![plan.request.clone()],
@@ -562,7 +651,7 @@ fn recorded_device(claim_uid: &str, plan: &DevicePlan) -> RecordedDevice {
         device: name,
         share_id: plan.share_id.clone(),
         admin_access: plan.admin_access,
-        info: device_info(&plan.device),
+        info: device_info(concrete),
         extra: Map::new(),
     }
 }
@@ -584,23 +673,43 @@ pub(crate) fn device_info(device: &AllocatableDevice) -> DeviceInfo {
             placement_start: Some(mig.placement.start),
             placement_size: Some(mig.placement.size),
         }),
+        // Not created yet (a record rebuilt from the API server): no UUID or
+        // instance IDs. Unprepare finds the device by its placement.
+        AllocatableDevice::Partition(p) => DeviceInfo::Mig(PreparedMig {
+            uuid: String::new(),
+            parent_uuid: p.parent.uuid.clone(),
+            parent_minor: Some(p.parent.minor),
+            gi_id: 0,
+            ci_id: 0,
+            profile: Some(p.profile.name.clone()),
+            placement_start: Some(p.placement.start),
+            placement_size: Some(p.placement.size),
+        }),
     }
 }
 
 /// Undoes a begun claim whose work failed: its spec (if any) and its entry.
 fn roll_back_after_failure(shared: &Shared, ledger: &mut Ledger, uid: &str) {
     if let Some(entry) = ledger.state().claim(uid) {
-        sharing::reset(
-            shared.backend.as_ref(),
-            sharing::gpus_to_reset(&shared.devices, &shared.gates, entry),
-            uid,
-        );
+        undo_entry(shared, entry, uid);
     }
     if let Err(err) = shared.cdi.remove_claim_spec(uid) {
         // The entry goes anyway: a spec without an entry is an orphan, removed at start-up.
         tracing::warn!(claim_uid = uid, error = %error_chain(&err), "cannot remove the CDI spec of a failed prepare");
     }
     ledger.state_mut().remove(uid);
+}
+
+/// Undoes every host change a claim's entry may stand for: time slices and
+/// created MIG devices.
+pub(super) fn undo_entry(shared: &Shared, entry: &checkpoint::ClaimEntry, claim: &str) {
+    super::undo_entry(
+        shared.backend.as_ref(),
+        &shared.devices,
+        &shared.gates,
+        entry,
+        claim,
+    );
 }
 
 /// The devices as the kubelet-plugin library wants them.

@@ -119,7 +119,7 @@ pub(crate) fn gpus_to_reset<'a>(
 ) -> Vec<&'a GpuInfo> {
     let gpu = |device: &'a AllocatableDevice| match device {
         AllocatableDevice::Gpu { info } => Some(info),
-        AllocatableDevice::Mig { .. } => None,
+        AllocatableDevice::Mig { .. } | AllocatableDevice::Partition(_) => None,
     };
     match entry.state {
         ClaimState::PrepareStarted if gates.enabled(FeatureGate::TimeSlicingSettings) => entry

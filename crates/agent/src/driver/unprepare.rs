@@ -1,6 +1,6 @@
 //! One Unprepare batch, for the kubelet and for the stale-claim clean-up.
 //!
-//! Per claim: time-sliced GPUs are reset ([`super::sharing`]), the CDI spec is removed, the
+//! Per claim: host changes are undone (time slices, created MIG devices), the CDI spec is removed, the
 //! checkpoint entry dropped; then one checkpoint write
 //! covers the whole batch. An unknown claim succeeds (Unprepare is idempotent and may follow
 //! a Prepare served by another process), after a best-effort removal of a spec with its UID.
@@ -19,8 +19,8 @@ use std::collections::BTreeMap;
 
 use nvdra_kubelet_plugin::error::error_chain;
 
+use super::Shared;
 use super::ledger::Ledger;
-use super::{Shared, sharing};
 use crate::cdi;
 use crate::checkpoint::ClaimState;
 
@@ -100,11 +100,7 @@ fn drop_entry(shared: &Shared, ledger: &mut Ledger, uid: &str, expect: Expect) -
         return false;
     }
     let claim = entry.claim_ref(uid);
-    sharing::reset(
-        shared.backend.as_ref(),
-        sharing::gpus_to_reset(&shared.devices, &shared.gates, entry),
-        &claim.to_string(),
-    );
+    super::prepare::undo_entry(shared, entry, &claim.to_string());
     if cdi::validate_claim_uid(uid).is_ok()
         && let Err(err) = shared.cdi.remove_claim_spec(uid)
     {

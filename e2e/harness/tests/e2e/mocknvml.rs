@@ -216,15 +216,7 @@ spec:
     );
     // The compute mode is NVML's, kept by the mock in its state file: a
     // time-sliced GPU stays in the default mode (no entry).
-    let state_file = env
-        .cluster
-        .node_dirs(NVML_NODE)
-        .dir
-        .join("mock-nvml-state.json");
-    let state: Value = serde_json::from_str(
-        &std::fs::read_to_string(&state_file)
-            .with_context(|| format!("read {}", state_file.display()))?,
-    )?;
+    let state = mock_state(&env, NVML_NODE)?;
     let mode = &state["compute_modes"][&uuid];
     ensure!(
         mode.is_null(),
@@ -246,4 +238,118 @@ spec:
         },
     )
     .await
+}
+
+/// The node of the DynamicMIG cluster: an H100 node on the mock library.
+pub const DYNAMIC_NODE: &str = "dmig-h100";
+
+/// DynamicMIG on a mock-NVML H100 node: four pods ask for MIG devices of
+/// mixed profiles (one 3g.40gb, three 1g.10gb) on the same GPU. The real
+/// scheduler places them from the published partitions and counters
+/// without overlap, in whatever order it schedules them; the agent creates
+/// each MIG device through NVML (the mock's state shows four instances on
+/// disjoint memory slices) and destroys them when the pods go, turning MIG
+/// off again.
+pub async fn dynamic_mig_mixed_profiles(env: Arc<Env>) -> Result<()> {
+    let inventory = env.cluster.node(DYNAMIC_NODE)?.inventory()?;
+    let gpu = inventory.gpus.first().context("the profile has GPUs")?;
+    let uuid = gpu.info.uuid.clone();
+    let ns = env.namespace("e2e-dynamic-mig").await?;
+    for (name, profile) in [("mig-3g", "3g.40gb"), ("mig-1g", "1g.10gb")] {
+        env.apply(&format!(
+            "apiVersion: resource.k8s.io/v1
+kind: ResourceClaimTemplate
+metadata: {{ namespace: {ns}, name: {name} }}
+spec:
+  spec:
+    devices:
+      requests:
+      - name: mig
+        exactly:
+          deviceClassName: mig.nvidia.com
+          selectors:
+          - cel:
+              expression: \"device.attributes['gpu.nvidia.com'].profile == '{profile}' && device.attributes['gpu.nvidia.com'].parentUUID == '{uuid}'\"
+"
+        ))?;
+    }
+    let pods = [
+        ("small-a", "mig-1g"),
+        ("big", "mig-3g"),
+        ("small-b", "mig-1g"),
+        ("small-c", "mig-1g"),
+    ];
+    for (pod, template) in pods {
+        env.create_pod(
+            &ns,
+            pod,
+            &[("mig", "template", template)],
+            Some(DYNAMIC_NODE),
+        )
+        .await?;
+    }
+    let mut allocated_names = Vec::new();
+    for (pod, _) in pods {
+        let running = env.running(&ns, pod, RUNNING).await?;
+        let claim = env.pod_claim(&running, "mig").await?;
+        let devices = allocated(&claim);
+        ensure!(devices.len() == 1, "{pod}: one device: {devices:?}");
+        allocated_names.push(devices[0].1.clone());
+    }
+    // What the mock driver holds: four MIG devices on GPU 0, pairwise
+    // disjoint, exactly the allocated partitions.
+    let state = mock_state(&env, DYNAMIC_NODE)?;
+    let migs = state["inventory"]["gpus"][0]["mig_devices"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    let mut slices = Vec::new();
+    let mut created = Vec::new();
+    for mig in &migs {
+        let start = mig["placement"]["start"]
+            .as_u64()
+            .context("placement start")?;
+        let size = mig["placement"]["size"]
+            .as_u64()
+            .context("placement size")?;
+        slices.extend(start..start + size);
+        created.push(format!(
+            "gpu-0-mig-{}-{}-{start}",
+            mig["profile"].as_str().unwrap_or_default().replace('.', ""),
+            mig["gi_profile_id"]
+        ));
+    }
+    created.sort();
+    allocated_names.sort();
+    ensure!(
+        created == allocated_names,
+        "MIG devices {created:?} are not the allocated partitions {allocated_names:?}"
+    );
+    let before = slices.len();
+    slices.sort_unstable();
+    slices.dedup();
+    ensure!(slices.len() == before, "overlapping MIG devices: {migs:?}");
+
+    for (pod, _) in pods {
+        env.delete_pod(&ns, pod, Duration::from_secs(60)).await?;
+    }
+    nvdra_e2e::wait::until(
+        Duration::from_secs(30),
+        "the MIG devices to be destroyed and MIG turned off",
+        || async {
+            let state = mock_state(&env, DYNAMIC_NODE)?;
+            let gpu = &state["inventory"]["gpus"][0];
+            Ok(gpu["mig_devices"].as_array().is_none_or(Vec::is_empty)
+                && gpu["info"]["mig_enabled"] == Value::Bool(false))
+        },
+    )
+    .await
+}
+
+/// The mock NVML library's state file of `node`.
+fn mock_state(env: &Env, node: &str) -> Result<Value> {
+    let path = env.cluster.node_dirs(node).dir.join("mock-nvml-state.json");
+    let text =
+        std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?;
+    Ok(serde_json::from_str(&text)?)
 }
