@@ -165,6 +165,39 @@ mod dynamic_mig {
     }
 
     #[tokio::test]
+    async fn admin_access_sees_the_holders_device_and_creates_nothing() {
+        let dirs = Dirs::new();
+        let (driver, fake) = start_dynamic(&dirs, H100);
+        let mut gpu = fake.gpus().unwrap().remove(4);
+        gpu.mig_enabled = true;
+        let part = "gpu-4-mig-2g20gb-14-2";
+        // Nothing holds the partition yet: admin access has nothing to see.
+        let early = allocated_claim("admin-early", &uid(8), &[("mig", part, true)]);
+        let got = prepare(&driver, vec![early]).await;
+        let err = got[&uid(8)].clone().unwrap_err();
+        assert!(err.contains("no such MIG instance"), "{err}");
+        assert!(fake.mig_devices(&gpu).unwrap().is_empty());
+
+        let owner = allocated_claim("owner", &uid(9), &[("mig", part, false)]);
+        let admin = allocated_claim("admin", &uid(10), &[("mig", part, true)]);
+        let admin_ref = claim_ref(&admin);
+        assert!(prepare(&driver, vec![owner]).await[&uid(9)].is_ok());
+        assert!(prepare(&driver, vec![admin]).await[&uid(10)].is_ok());
+        let migs = fake.mig_devices(&gpu).unwrap();
+        assert_eq!(migs.len(), 1, "admin access created nothing");
+        let spec = std::fs::read_to_string(dirs.spec_path(&uid(10))).unwrap();
+        let caps = fake.mig_capabilities(&migs[0]).unwrap();
+        assert!(
+            spec.contains(&format!("nvidia-cap{}", caps.ci_minor)),
+            "{spec}"
+        );
+        // Its unprepare leaves the owner's device alone.
+        let got = driver.unprepare_resource_claims(vec![admin_ref]).await;
+        assert!(got[&uid(10)].is_ok());
+        assert_eq!(fake.mig_devices(&gpu).unwrap(), migs);
+    }
+
+    #[tokio::test]
     async fn an_occupied_placement_fails_the_claim_and_leaves_nothing() {
         let dirs = Dirs::new();
         let (driver, fake) = start_dynamic(&dirs, H100);

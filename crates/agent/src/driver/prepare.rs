@@ -516,11 +516,27 @@ fn materialize(
     let backend = shared.backend.as_ref();
     let mut concrete = BTreeMap::new();
     for device in plan.groups.iter().flat_map(|g| &g.devices) {
-        if device.admin_access {
-            continue;
-        }
         let name = device.device.name();
         let result = match &device.device {
+            // Admin access neither creates nor changes anything: it sees the
+            // MIG device the claim holding the partition created.
+            AllocatableDevice::Partition(p) if device.admin_access => {
+                match dynamic_mig::find(backend, p) {
+                    Ok(Some(mig)) => {
+                        let mut parent = p.parent.clone();
+                        parent.mig_enabled = true;
+                        concrete.insert(name.clone(), AllocatableDevice::Mig { parent, mig });
+                        Ok(())
+                    }
+                    Ok(None) => Err(nvdra_gpu::Error::MigRefused {
+                        op: "open the MIG device of the partition with admin access".into(),
+                        gpu: p.parent.uuid.clone(),
+                        refusal: nvdra_gpu::mig::MigRefusal::NotFound,
+                    }),
+                    Err(err) => Err(err),
+                }
+            }
+            _ if device.admin_access => Ok(()),
             AllocatableDevice::Partition(p) if !concrete.contains_key(&name) => {
                 dynamic_mig::create(backend, p).map(|mig| {
                     let mut parent = p.parent.clone();
