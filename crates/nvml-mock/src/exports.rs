@@ -210,6 +210,17 @@ impl Mock {
         }
     }
 
+    /// A full GPU's handle whose MIG mode is on; `NOT_SUPPORTED` when it is
+    /// off, as NVML answers MIG queries then.
+    fn mig_gpu(&self, device: sys::nvmlDevice_t) -> Result<(usize, &GpuInventory), Ret> {
+        let (i, g) = self.full_gpu(device)?;
+        if g.info.mig_enabled {
+            Ok((i, g))
+        } else {
+            Err(NOT_SUPPORTED)
+        }
+    }
+
     fn gpu_instance(&self, gi: sys::nvmlGpuInstance_t) -> Result<(usize, GpuInstanceView), Ret> {
         match Handle::of(gi) {
             Some(Handle::GpuInstance { gpu, gi }) => self
@@ -820,13 +831,10 @@ pub extern "C" fn nvmlDeviceGetGpuInstanceRemainingCapacity(
     count: *mut c_uint,
 ) -> Ret {
     with(|m| {
-        let (i, g) = match m.full_gpu(device) {
+        let (i, g) = match m.mig_gpu(device) {
             Ok(x) => x,
             Err(r) => return r,
         };
-        if !g.info.mig_enabled {
-            return NOT_SUPPORTED;
-        }
         let Some(p) = profile(g, profile_id) else {
             return INVALID_ARGUMENT;
         };
@@ -940,13 +948,10 @@ pub extern "C" fn nvmlDeviceGetGpuInstances(
     count: *mut c_uint,
 ) -> Ret {
     with(|m| {
-        let (i, g) = match m.full_gpu(device) {
+        let (i, g) = match m.mig_gpu(device) {
             Ok(x) => x,
             Err(r) => return r,
         };
-        if !g.info.mig_enabled {
-            return NOT_SUPPORTED;
-        }
         if profile(g, profile_id).is_none() || gpu_instances.is_null() {
             return INVALID_ARGUMENT;
         }
@@ -980,13 +985,10 @@ pub extern "C" fn nvmlDeviceGetGpuInstanceById(
     gpu_instance: *mut sys::nvmlGpuInstance_t,
 ) -> Ret {
     with(|m| {
-        let (i, g) = match m.full_gpu(device) {
-            Ok(x) => x,
+        let i = match m.mig_gpu(device) {
+            Ok((i, _)) => i,
             Err(r) => return r,
         };
-        if !g.info.mig_enabled {
-            return NOT_SUPPORTED;
-        }
         match m.node.gpu_instance(i, id) {
             Some(_) => out(gpu_instance, Handle::GpuInstance { gpu: i, gi: id }.ptr()),
             None => NOT_FOUND,
@@ -1235,13 +1237,10 @@ pub extern "C" fn nvmlDeviceGetMigDeviceHandleByIndex(
     mig: *mut sys::nvmlDevice_t,
 ) -> Ret {
     with(|m| {
-        let (i, g) = match m.full_gpu(device) {
+        let (i, g) = match m.mig_gpu(device) {
             Ok(x) => x,
             Err(r) => return r,
         };
-        if !g.info.mig_enabled {
-            return NOT_SUPPORTED;
-        }
         if index >= MAX_MIG_DEVICES {
             return INVALID_ARGUMENT;
         }

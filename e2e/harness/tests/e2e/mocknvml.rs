@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
-use k8s_openapi::api::resource::v1::ResourceSlice;
+use k8s_openapi::api::resource::v1::{ResourceClaim, ResourceSlice};
 use kube::Api;
 use kube::api::ListParams;
 use nvdra_gpu::MigCapabilities;
@@ -23,6 +23,16 @@ use super::env::{Env, RUNNING, allocated, node_of, uid};
 pub const NVML_NODE: &str = "nvml-a100";
 /// The node whose agent runs the fake backend, same profile.
 pub const FAKE_NODE: &str = "fake-a100";
+
+/// The one device allocated to `claim`, which must come from `node`'s pool.
+fn the_device_from(claim: &ResourceClaim, node: &str) -> Result<String> {
+    let devices = allocated(claim);
+    let [(pool, name)] = devices.as_slice() else {
+        anyhow::bail!("{}: not one device: {devices:?}", uid(claim));
+    };
+    ensure!(pool == node, "{name} allocated from {pool}, not {node}");
+    Ok(name.clone())
+}
 
 /// Every device a node's agents publish, by (driver, device name), as JSON.
 async fn published(env: &Env, node: &str) -> Result<BTreeMap<(String, String), Value>> {
@@ -100,10 +110,7 @@ spec:
     ensure!(node_of(&pod) == NVML_NODE, "scheduled on {}", node_of(&pod));
 
     let mig_claim = env.pod_claim(&pod, "mig").await?;
-    let devices = allocated(&mig_claim);
-    ensure!(devices.len() == 1, "one MIG device allocated: {devices:?}");
-    let (pool, name) = &devices[0];
-    ensure!(pool == NVML_NODE, "allocated from {pool}");
+    let name = &the_device_from(&mig_claim, NVML_NODE)?;
     let spec = env
         .cluster
         .node(NVML_NODE)?
@@ -195,10 +202,7 @@ spec:
     let a = env.running(&ns, "ts-a", RUNNING).await?;
     env.running(&ns, "ts-b", RUNNING).await?;
     let claim = env.pod_claim(&a, "gpu").await?;
-    let devices = allocated(&claim);
-    ensure!(devices.len() == 1, "one GPU shared: {devices:?}");
-    let (pool, name) = &devices[0];
-    ensure!(pool == NVML_NODE, "allocated from {pool}");
+    let name = &the_device_from(&claim, NVML_NODE)?;
     let uuid = env
         .cluster
         .node(NVML_NODE)?
@@ -292,9 +296,7 @@ spec:
     for (pod, _) in pods {
         let running = env.running(&ns, pod, RUNNING).await?;
         let claim = env.pod_claim(&running, "mig").await?;
-        let devices = allocated(&claim);
-        ensure!(devices.len() == 1, "{pod}: one device: {devices:?}");
-        allocated_names.push(devices[0].1.clone());
+        allocated_names.push(the_device_from(&claim, DYNAMIC_NODE)?);
     }
     // What the mock driver holds: four MIG devices on GPU 0, pairwise
     // disjoint, exactly the allocated partitions.
