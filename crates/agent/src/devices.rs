@@ -2,19 +2,24 @@
 //! layer's [`Inventory`] to the `resource.k8s.io/v1` [`Device`]s we publish, and the lookup the
 //! prepare path uses to find the hardware behind an allocated device name.
 //!
-//! Which devices appear (upstream's rules for static partitioning, no DynamicMIG, no VFIO):
+//! Which devices appear (upstream's rules; no VFIO yet), statically partitioned:
 //! - a GPU with MIG disabled is offered whole, as `gpu-<minor>`;
 //! - a GPU with MIG enabled is never offered whole; each of its existing MIG devices is offered
 //!   as `gpu-<parentMinor>-mig-<profile>-<giProfileId>-<placementStart>`. MIG enabled without
 //!   any MIG device offers nothing for that GPU and logs a warning, because the GPU is then
 //!   stranded until an administrator creates MIG devices or turns MIG off.
 //!
+//! With DynamicMIG ([`Partitioning::Dynamic`]), a MIG-capable GPU is offered as partitions
+//! that share its counters ([`partitions`]), plus the whole GPU on Hopper and later; see
+//! [`Partitioning`] for which GPUs. [`publish`] attaches each device's counter consumption and
+//! emits the counter sets.
+//!
 //! Attributes and capacities are exactly upstream's sets (computed by
 //! [`nvdra_gpu::attributes`]); this module only maps them onto the Kubernetes types. Capacities
 //! are published as plain integer quantities (`"85520809984"`), which the API server accepts and
 //! canonicalises; the ResourceSlice publisher compares quantities by value.
 //!
-//! Invariants: [`node_devices`] publishes exactly the devices [`allocatable_index`] knows, in
+//! Invariants: [`publish`] publishes exactly the devices of the index it is given, in
 //! the same (byte-wise name) order, so a name the scheduler allocated from our slice is always
 //! found by the prepare path of the same inventory. Device names are unique per node because
 //! GPU minors are and a MIG name embeds its parent's minor and placement; should an inventory
