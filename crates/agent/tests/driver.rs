@@ -424,10 +424,13 @@ mod driver_prepare {
         use nvdra_gpu::{ComputeMode, GpuBackend, TimeSlice};
         let dirs = Dirs::new();
         let fake = backend(H100);
-        let (mut config, _registry) =
-            config(&dirs, H100, gates(&[FeatureGate::TimeSlicingSettings]));
-        config.backend = fake.clone();
-        let (driver, _startup) = nvdra_agent::driver::GpuDriver::start(config).unwrap();
+        let driver = start_on(
+            &dirs,
+            H100,
+            &fake,
+            gates(&[FeatureGate::TimeSlicingSettings]),
+        )
+        .driver;
         let gpus = fake.gpus().unwrap();
         // A GPU left in exclusive-process mode by someone else is put back.
         fake.set_compute_mode(&gpus[1], ComputeMode::ExclusiveProcess)
@@ -507,10 +510,13 @@ mod driver_prepare {
         for gpu in &gpus[3..5] {
             fake.set_time_slice(gpu, TimeSlice::Long).unwrap();
         }
-        let (mut config, _registry) =
-            config(&dirs, H100, gates(&[FeatureGate::TimeSlicingSettings]));
-        config.backend = fake.clone();
-        let (_driver, startup) = nvdra_agent::driver::GpuDriver::start(config).unwrap();
+        let startup = start_on(
+            &dirs,
+            H100,
+            &fake,
+            gates(&[FeatureGate::TimeSlicingSettings]),
+        )
+        .startup;
         assert_eq!(startup.rolled_back, vec![uid(1)]);
         assert_eq!(fake.time_slice(&gpus[3].uuid), TimeSlice::Default);
         assert_eq!(
@@ -525,10 +531,13 @@ mod driver_prepare {
         use nvdra_gpu::{GpuBackend, TimeSlice};
         let dirs = Dirs::new();
         let fake = backend(A100_MIG);
-        let (mut config, _registry) =
-            config(&dirs, A100_MIG, gates(&[FeatureGate::TimeSlicingSettings]));
-        config.backend = fake.clone();
-        let (driver, _startup) = nvdra_agent::driver::GpuDriver::start(config).unwrap();
+        let driver = start_on(
+            &dirs,
+            A100_MIG,
+            &fake,
+            gates(&[FeatureGate::TimeSlicingSettings]),
+        )
+        .driver;
         let claim = allocated_claim_in_pool(
             "mig",
             &uid(3),

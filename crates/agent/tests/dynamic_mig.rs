@@ -30,10 +30,7 @@ mod dynamic_mig {
 
     fn start_dynamic(dirs: &Dirs, profile: &str) -> (GpuDriver, Arc<FakeBackend>) {
         let fake = backend(profile);
-        let (mut config, _registry) = config(dirs, profile, dynamic());
-        config.backend = fake.clone();
-        let (driver, _startup) = GpuDriver::start(config).unwrap();
-        (driver, fake)
+        (start_on(dirs, profile, &fake, dynamic()).driver, fake)
     }
 
     async fn prepare(driver: &GpuDriver, claims: Vec<ResourceClaim>) -> Outcomes {
@@ -265,9 +262,7 @@ mod dynamic_mig {
         // And a device no claim ever held.
         fake.create_mig_device(&gpu, 19, 6).unwrap();
 
-        let (mut config, _registry) = config(&dirs, H100, dynamic());
-        config.backend = fake.clone();
-        let (_driver, startup) = GpuDriver::start(config).unwrap();
+        let startup = start_on(&dirs, H100, &fake, dynamic()).startup;
         assert_eq!(startup.rolled_back, vec![uid(3)]);
         assert!(fake.mig_devices(&gpu).unwrap().is_empty());
         assert!(!fake.gpus().unwrap()[3].mig_enabled);

@@ -171,6 +171,24 @@ pub fn start_with(dirs: &Dirs, profile: &str, gates: FeatureGates) -> Started {
     }
 }
 
+/// A started driver over `fake`, which the test shares: it sees every
+/// change the driver makes to the node, and can change it first.
+pub fn start_on(
+    dirs: &Dirs,
+    profile: &str,
+    fake: &Arc<FakeBackend>,
+    gates: FeatureGates,
+) -> Started {
+    let (mut config, registry) = config(dirs, profile, gates);
+    config.backend = fake.clone();
+    let (driver, startup) = GpuDriver::start(config).unwrap();
+    Started {
+        driver,
+        startup,
+        registry,
+    }
+}
+
 /// One allocated device: (request, device, admin access).
 pub type Alloc<'a> = (&'a str, &'a str, bool);
 

@@ -157,23 +157,31 @@ pub(super) struct RawGpuInstance {
 /// `nvmlDeviceGetGpuInstanceById` then `nvmlGpuInstanceGetInfo` on the
 /// parent GPU.
 pub(super) fn gpu_instance(parent: &Device<'_>, gi_id: u32) -> Result<RawGpuInstance, NvmlError> {
+    let info = gpu_instance_info(parent, gpu_instance_handle(parent, gi_id)?)?;
+    Ok(RawGpuInstance {
+        profile_id: info.profileId,
+        placement_start: info.placement.start,
+        placement_size: info.placement.size,
+    })
+}
+
+/// `nvmlGpuInstanceGetInfo` of a GPU-instance handle of `parent`.
+fn gpu_instance_info(
+    parent: &Device<'_>,
+    gi: sys::nvmlGpuInstance_t,
+) -> Result<sys::nvmlGpuInstanceInfo_t, NvmlError> {
     let get_info = nvml_sym(parent.nvml().lib().nvmlGpuInstanceGetInfo.as_ref())?;
-    let gi = gpu_instance_handle(parent, gi_id)?;
     let mut info = sys::nvmlGpuInstanceInfo_t {
         device: std::ptr::null_mut(),
         id: 0,
         profileId: 0,
         placement: sys::nvmlGpuInstancePlacement_t { start: 0, size: 0 },
     };
-    // SAFETY: bindgen signature; `gi` was just returned by NVML; `info` is a
-    // valid out-parameter of the unversioned layout this symbol writes.
+    // SAFETY: bindgen signature; `gi` was just returned by NVML for
+    // `parent`; `info` is a valid out-parameter of the unversioned layout
+    // this symbol writes.
     let ret = unsafe { get_info(gi, &mut info) };
-    nvml_try(ret)?;
-    Ok(RawGpuInstance {
-        profile_id: info.profileId,
-        placement_start: info.placement.start,
-        placement_size: info.placement.size,
-    })
+    nvml_try(ret).map(|()| info)
 }
 
 /// `nvmlDeviceGetGpuInstancePossiblePlacements_v2` for the GPU-instance
@@ -238,24 +246,20 @@ pub(super) fn create_gpu_instance(
     start: u32,
     size: u32,
 ) -> Result<u32, NvmlError> {
-    let lib = device.nvml().lib();
-    let create = nvml_sym(lib.nvmlDeviceCreateGpuInstanceWithPlacement.as_ref())?;
-    let get_info = nvml_sym(lib.nvmlGpuInstanceGetInfo.as_ref())?;
+    let create = nvml_sym(
+        device
+            .nvml()
+            .lib()
+            .nvmlDeviceCreateGpuInstanceWithPlacement
+            .as_ref(),
+    )?;
     let placement = sys::nvmlGpuInstancePlacement_t { start, size };
     let mut gi: sys::nvmlGpuInstance_t = std::ptr::null_mut();
     // SAFETY: bindgen signature; live handle; `placement` is a valid input
     // that outlives the call; `gi` is a valid out-pointer.
     let ret = unsafe { create(handle(device), profile_id, &placement, &mut gi) };
     nvml_try(ret)?;
-    let mut info = sys::nvmlGpuInstanceInfo_t {
-        device: std::ptr::null_mut(),
-        id: 0,
-        profileId: 0,
-        placement: sys::nvmlGpuInstancePlacement_t { start: 0, size: 0 },
-    };
-    // SAFETY: `gi` was just returned by NVML; `info` is a valid out-parameter.
-    let ret = unsafe { get_info(gi, &mut info) };
-    nvml_try(ret).map(|()| info.id)
+    gpu_instance_info(device, gi).map(|info| info.id)
 }
 
 /// Creates the compute instance spanning all `slices` compute slices of GPU
