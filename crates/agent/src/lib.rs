@@ -20,5 +20,6 @@ pub mod devices;
 pub mod driver;
 pub mod events;
 pub mod metrics;
+pub mod mps;
 pub mod rebuild;
 pub mod run;

@@ -1,0 +1,261 @@
+//! The MPS control daemons the agent supervises, driven against the
+//! stand-in `nvidia-cuda-mps-control` in `tests/fixtures` (a shell script
+//! that speaks the real tool's protocol and records what it was told).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use nvdra_agent::mps::{DaemonSpec, MpsDaemons, MpsOptions};
+
+/// A private copy of the stand-in and a data directory.
+struct Node {
+    dir: tempfile::TempDir,
+}
+
+impl Node {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("bin")).unwrap();
+        std::fs::copy(
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/nvidia-cuda-mps-control"),
+            dir.path().join("bin/nvidia-cuda-mps-control"),
+        )
+        .unwrap();
+        Self { dir }
+    }
+
+    fn bin(&self, name: &str) -> PathBuf {
+        self.dir.path().join("bin").join(name)
+    }
+
+    fn options(&self, private_shm: bool) -> MpsOptions {
+        MpsOptions {
+            control: self.bin("nvidia-cuda-mps-control"),
+            library_dir: self.dir.path().join("lib"),
+            root: self.dir.path().join("plugin/mps"),
+            proc_root: PathBuf::from("/proc"),
+            private_shm,
+            start_timeout: Duration::from_secs(10),
+        }
+    }
+
+    fn daemons(&self) -> MpsDaemons {
+        MpsDaemons::new(self.options(false))
+    }
+
+    /// The stand-in's record, without the pipe-directory prefix.
+    fn calls(&self) -> Vec<String> {
+        let text =
+            std::fs::read_to_string(self.bin("nvidia-cuda-mps-control.calls")).unwrap_or_default();
+        text.lines()
+            .map(|line| {
+                line.split_once(' ')
+                    .map_or(line, |(_, rest)| rest)
+                    .to_owned()
+            })
+            .collect()
+    }
+}
+
+fn spec(claim: &str) -> DaemonSpec {
+    DaemonSpec::new(
+        claim,
+        &["GPU-bbbb", "GPU-aaaa"],
+        Some(25),
+        BTreeMap::from([("GPU-aaaa".to_owned(), "10240M".to_owned())]),
+    )
+}
+
+fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !done() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn start_configures_and_stop_quits() {
+    let node = Node::new();
+    let daemons = node.daemons();
+    let spec = spec("claim-1");
+    daemons.start(&spec).unwrap();
+    assert_eq!(
+        node.calls(),
+        [
+            "start CUDA_VISIBLE_DEVICES=GPU-aaaa,GPU-bbbb",
+            "set_default_active_thread_percentage 25",
+            "set_default_device_pinned_mem_limit GPU-aaaa 10240M",
+        ]
+    );
+    let dir = node.options(false).root.join(&spec.id);
+    assert!(dir.join("pipe/control").exists());
+    assert!(dir.join("daemon.json").exists());
+    assert_eq!(daemons.running().len(), 1);
+    let (shm, pipe) = daemons.client_dirs(&spec.id);
+    assert_eq!((shm, pipe), (dir.join("shm"), dir.join("pipe")));
+
+    // Starting it again with the same spec changes nothing.
+    daemons.start(&spec).unwrap();
+    assert_eq!(node.calls().len(), 3);
+
+    daemons.stop_claim("claim-1");
+    assert_eq!(node.calls()[3..], ["quit", "stop"]);
+    assert!(!dir.exists());
+    assert!(daemons.running().is_empty());
+}
+
+#[test]
+fn a_daemon_that_cannot_start_fails_with_its_own_message() {
+    let node = Node::new();
+    std::fs::write(
+        node.bin("mps-fail-start"),
+        "An MPS control daemon is already running for this GPU\n",
+    )
+    .unwrap();
+    let daemons = node.daemons();
+    let spec = spec("claim-2");
+    let err = daemons.start(&spec).unwrap_err().to_string();
+    assert!(
+        err.contains("exited (exit code 3) before it was ready")
+            && err.contains("An MPS control daemon is already running for this GPU"),
+        "{err}"
+    );
+    // Nothing is left behind.
+    assert!(!node.options(false).root.join(&spec.id).exists());
+    assert!(daemons.running().is_empty());
+}
+
+#[test]
+fn refused_settings_fail_the_start_and_stop_the_daemon() {
+    let node = Node::new();
+    let daemons = node.daemons();
+    let mut spec = spec("claim-3");
+    spec.pinned_memory_limits
+        .insert("GPU-bbbb".to_owned(), "lots".to_owned());
+    let err = daemons.start(&spec).unwrap_err().to_string();
+    assert!(
+        err.contains("refused its settings (exit code 1)")
+            && err.contains(
+                "Unrecognized command: set_default_device_pinned_mem_limit GPU-bbbb lots"
+            ),
+        "{err}"
+    );
+    let calls = node.calls();
+    assert_eq!(calls.last().map(String::as_str), Some("stop"), "{calls:?}");
+    assert!(!node.options(false).root.join(&spec.id).exists());
+}
+
+#[test]
+fn a_dead_daemon_is_restarted_and_reconfigured() {
+    let node = Node::new();
+    let daemons = node.daemons();
+    let spec = spec("claim-4");
+    daemons.start(&spec).unwrap();
+    let pid = daemons.running()[&spec.id];
+    std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
+    wait_until("the daemon to be restarted", || daemons.supervise() == 1);
+    let new_pid = daemons.running()[&spec.id];
+    assert_ne!(new_pid, pid);
+    let starts = node
+        .calls()
+        .iter()
+        .filter(|c| c.starts_with("start ") || c.starts_with("set_default_active"))
+        .count();
+    assert_eq!(starts, 4, "{:?}", node.calls());
+    // A healthy daemon is left alone.
+    assert_eq!(daemons.supervise(), 0);
+    daemons.stop_claim("claim-4");
+}
+
+#[test]
+fn a_new_agent_adopts_live_daemons_and_tears_down_unclaimed_ones() {
+    let node = Node::new();
+    let kept = spec("claim-kept");
+    let gone = spec("claim-gone");
+    let pid = {
+        let first = node.daemons();
+        first.start(&kept).unwrap();
+        first.start(&gone).unwrap();
+        first.running()[&kept.id]
+        // The first agent goes away without stopping anything.
+    };
+    let second = node.daemons();
+    let problems = second.recover(|claim| claim == "claim-kept");
+    assert!(problems.is_empty(), "{problems:?}");
+    assert_eq!(second.running(), BTreeMap::from([(kept.id.clone(), pid)]));
+    assert!(!node.options(false).root.join(&gone.id).exists());
+    // The adopted daemon was not restarted, so it got its settings once.
+    let starts = node
+        .calls()
+        .iter()
+        .filter(|c| c.starts_with("start "))
+        .count();
+    assert_eq!(starts, 2);
+
+    // An adopted daemon that dies is restarted from its recorded spec.
+    std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
+    wait_until("the adopted daemon to be restarted", || {
+        second.supervise() == 1
+    });
+    assert_ne!(second.running()[&kept.id], pid);
+    second.stop_claim("claim-kept");
+    assert!(!node.options(false).root.join(&kept.id).exists());
+}
+
+#[test]
+fn a_stopped_agent_restarts_daemons_that_died_with_it() {
+    let node = Node::new();
+    let spec = spec("claim-5");
+    let pid = {
+        let first = node.daemons();
+        first.start(&spec).unwrap();
+        first.running()[&spec.id]
+    };
+    std::process::Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
+    // Reap it: the test process is its parent.
+    wait_until("the daemon to exit", || {
+        !std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+            !s.rsplit_once(')')
+                .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+        })
+    });
+    let second = node.daemons();
+    assert!(second.recover(|_| true).is_empty());
+    assert_ne!(second.running()[&spec.id], pid);
+    second.stop_claim("claim-5");
+}
+
+/// With a private `/dev/shm`, the daemon's `/dev/shm` is the claim's tmpfs
+/// (what the claim's containers mount), and the agent's is untouched. It
+/// needs CAP_SYS_ADMIN; without it the start fails naming that.
+#[test]
+fn private_shm_gives_the_daemon_the_claims_tmpfs() {
+    let node = Node::new();
+    std::fs::write(node.bin("mps-shm-probe"), "").unwrap();
+    let daemons = MpsDaemons::new(node.options(true));
+    let spec = spec("claim-6");
+    match daemons.start(&spec) {
+        Ok(()) => {
+            let (shm, _) = daemons.client_dirs(&spec.id);
+            assert!(shm.join("nvdra-mps-probe").exists());
+            assert!(!Path::new("/dev/shm/nvdra-mps-probe").exists());
+            daemons.stop_claim("claim-6");
+            assert!(!node.options(true).root.join(&spec.id).exists());
+        }
+        Err(err) => {
+            let text = err.to_string();
+            assert!(text.contains("CAP_SYS_ADMIN"), "{text}");
+        }
+    }
+}
