@@ -230,6 +230,84 @@ pub enum Error {
         /// What is wrong with it.
         reason: String,
     },
+
+    /// A PCI bus ID is not in the sysfs form, so it is not used in a path or
+    /// written to a kernel file.
+    #[error("invalid PCI bus ID {pci_bus_id:?}: expected dddd:bb:dd.f in lower-case hex")]
+    InvalidPciBusId {
+        /// The ID given.
+        pci_bus_id: String,
+    },
+
+    /// A sysfs file or link could not be read.
+    #[error("cannot read {path}")]
+    ReadSysfs {
+        /// The file or link.
+        path: PathBuf,
+        /// Why reading failed.
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// A sysfs file or link holds a value that cannot be used.
+    #[error("cannot parse {path}: {reason}")]
+    ParseSysfs {
+        /// The file or link.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+
+    /// The kernel rejected a write to a sysfs or procfs file (or the file is
+    /// not there: kernel files are never created).
+    #[error("cannot write {value:?} to {path}")]
+    WriteKernelFile {
+        /// The file.
+        path: PathBuf,
+        /// What was written.
+        value: String,
+        /// The kernel's answer.
+        #[source]
+        source: std::io::Error,
+    },
+
+    /// The host cannot pass devices through to VMs.
+    #[error("host is not ready for VFIO passthrough: {problems}")]
+    VfioHostNotReady {
+        /// Each missing piece with its fix, `; ` separated.
+        problems: String,
+    },
+
+    /// A PCI device must not be moved to another driver as it is; nothing
+    /// was changed.
+    #[error("refusing to bind {pci_bus_id} to {target}: {reason}")]
+    RebindRefused {
+        /// The device's PCI bus ID.
+        pci_bus_id: String,
+        /// The driver it was to be bound to.
+        target: String,
+        /// Why not, and what would allow it.
+        reason: String,
+    },
+
+    /// Moving a PCI device to another driver failed part-way. The steps
+    /// taken were undone as far as possible; `state` says where the device
+    /// was left.
+    #[error("cannot bind {pci_bus_id} to {target}: {failure}; {state}")]
+    RebindPciDevice {
+        /// The device's PCI bus ID.
+        pci_bus_id: String,
+        /// The driver it was to be bound to.
+        target: String,
+        /// The step that failed, or why the move did not finish (boxed:
+        /// keeps every `Result` of this crate small).
+        failure: Box<str>,
+        /// The driver the device was left on, and any failure to undo.
+        state: Box<str>,
+        /// The failed operation, where one failed.
+        #[source]
+        source: Option<Box<Error>>,
+    },
 }
 
 impl Error {

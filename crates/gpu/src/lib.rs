@@ -13,6 +13,8 @@
 //!   on real GPUs).
 //! - [`naming`] and [`attributes`] produce the device names and attribute
 //!   values upstream publishes, so the agent stays a drop-in replacement.
+//! - [`vfio`] moves a whole GPU between `nvidia` and `vfio-pci` for VFIO
+//!   passthrough, through sysfs and procfs.
 //!
 //! No Kubernetes types and no async runtime appear here: plain data in, plain
 //! data out, std threads for the NVML worker.
@@ -32,6 +34,7 @@ pub mod nodes;
 pub mod nvml;
 pub mod pcie;
 pub mod sharing;
+pub mod vfio;
 
 pub use backend::{GpuBackend, GpuInventory, Inventory};
 pub use device::{
