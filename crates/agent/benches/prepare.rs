@@ -312,6 +312,7 @@ async fn measure_startup() -> (Duration, Vec<Duration>) {
         gates: FeatureGates::default(),
         boot_id: BOOT_ID.into(),
         metrics: Metrics::new(&registry, DRIVER, NODE).unwrap(),
+        mps: None,
     })
     .unwrap();
     let driver = Arc::new(driver);

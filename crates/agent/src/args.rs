@@ -87,6 +87,13 @@ pub struct Args {
     #[arg(long, env = "NVDRA_PROC_ROOT", default_value = "/proc")]
     pub proc_root: PathBuf,
 
+    /// With `MPSSupport`: give each MPS control daemon and its clients their
+    /// own tmpfs `/dev/shm` (the agent needs CAP_SYS_ADMIN). Turn off only
+    /// where the agent cannot mount (a test bed): the daemon then shares the
+    /// agent's `/dev/shm`, which containers do not see.
+    #[arg(long, env = "NVDRA_MPS_PRIVATE_SHM", default_value_t = true, action = clap::ArgAction::Set)]
+    pub mps_private_shm: bool,
+
     /// Feature gates, `Name=true,Other=false`.
     #[arg(long, env = "FEATURE_GATES", default_value = "")]
     pub feature_gates: FeatureGates,
@@ -192,6 +199,7 @@ mod tests {
         assert_eq!(args.device_backend, DeviceBackend::Nvml);
         assert_eq!(args.sysfs_root, PathBuf::from("/sys"));
         assert_eq!(args.proc_root, PathBuf::from("/proc"));
+        assert!(args.mps_private_shm);
         assert_eq!(args.kube_api_qps, 5.0);
         assert_eq!(args.kube_api_burst, 10);
         assert_eq!(

@@ -70,6 +70,7 @@ use crate::checkpoint::{
 };
 use crate::devices::{AllocatableDevice, Partitioning, allocatable_index_with};
 use crate::metrics::{ErrorType, Metrics, Operation};
+use crate::mps::MpsDaemons;
 
 pub(crate) mod dynamic_mig;
 pub(crate) mod ledger;
@@ -131,6 +132,9 @@ pub struct GpuDriverConfig {
     pub boot_id: String,
     /// Where the driver reports.
     pub metrics: Metrics,
+    /// The MPS control daemons; `None` unless the `MPSSupport` gate is on
+    /// and the driver root has the daemon.
+    pub mps: Option<Arc<MpsDaemons>>,
 }
 
 /// What [`GpuDriver::start`] found and repaired.
@@ -174,6 +178,7 @@ pub(crate) struct Shared {
     common_edits: CommonEdits,
     gates: nvdra_api::FeatureGates,
     metrics: Metrics,
+    mps: Option<Arc<MpsDaemons>>,
     devices: BTreeMap<String, AllocatableDevice>,
     published: Vec<Device>,
     counter_sets: Vec<k8s_openapi::api::resource::v1::CounterSet>,
@@ -210,6 +215,7 @@ impl GpuDriver {
             gates,
             boot_id,
             metrics,
+            mps,
         } = config;
 
         std::fs::create_dir_all(&plugin_data_dir).map_err(|source| Error::CreateDataDir {
@@ -247,8 +253,25 @@ impl GpuDriver {
             problems: Vec::new(),
         };
         recover(&cdi, &mut ledger, &mut startup, &|entry, claim| {
-            undo_entry(backend.as_ref(), &devices, &gates, entry, claim);
+            undo_entry(
+                backend.as_ref(),
+                mps.as_deref(),
+                &devices,
+                &gates,
+                entry,
+                claim,
+            );
         })?;
+        if let Some(daemons) = &mps {
+            // A claim with a spec is prepared (or, after a corrupt checkpoint,
+            // maybe still in use): its daemons stay; every other goes.
+            let problems =
+                daemons.recover(|uid| cdi.claim_spec_path(uid).is_ok_and(|p| p.exists()));
+            for problem in &problems {
+                tracing::warn!(%problem, "MPS daemon recovery");
+            }
+            startup.problems.extend(problems);
+        }
         let destroyed = dynamic_mig::tear_down_unowned(backend.as_ref(), &devices, ledger.state());
         if !destroyed.is_empty() {
             tracing::info!(
@@ -274,6 +297,7 @@ impl GpuDriver {
             common_edits,
             gates,
             metrics,
+            mps,
             devices,
             published,
             counter_sets,
@@ -423,6 +447,9 @@ impl GpuDriver {
                 // A spec whose claim is recorded (adopted above or by an earlier try) is live.
                 if ledger.state().claim(&uid).is_some() {
                     continue;
+                }
+                if let Some(daemons) = &shared.mps {
+                    daemons.stop_claim(&uid);
                 }
                 match shared.cdi.remove_claim_spec(&uid) {
                     Ok(_) => {
@@ -601,18 +628,28 @@ pub(crate) fn lock_node(path: &Path) -> std::io::Result<File> {
 /// time-sliced GPUs and destroys the MIG devices of its partitions.
 pub(crate) fn undo_entry(
     backend: &dyn nvdra_gpu::GpuBackend,
+    mps: Option<&MpsDaemons>,
     devices: &BTreeMap<String, AllocatableDevice>,
     gates: &nvdra_api::FeatureGates,
     entry: &checkpoint::ClaimEntry,
-    claim: &str,
+    claim: &checkpoint::ClaimRef,
 ) {
+    let name = claim.to_string();
+    if let Some(daemons) = mps {
+        sharing::stop_mps(
+            backend,
+            daemons,
+            &claim.uid,
+            sharing::gpus_to_reset_after_mps(devices, gates, entry),
+        );
+    }
     sharing::reset(
         backend,
         sharing::gpus_to_reset(devices, gates, entry),
-        claim,
+        &name,
     );
     for partition in dynamic_mig::partitions_of(devices, entry) {
-        dynamic_mig::destroy(backend, partition, claim);
+        dynamic_mig::destroy(backend, partition, &name);
     }
 }
 
@@ -622,7 +659,7 @@ pub(crate) fn recover(
     cdi: &CdiStore,
     ledger: &mut Ledger,
     startup: &mut Startup,
-    undo: &dyn Fn(&checkpoint::ClaimEntry, &str),
+    undo: &dyn Fn(&checkpoint::ClaimEntry, &checkpoint::ClaimRef),
 ) -> Result<(), Error> {
     let keep_orphans = matches!(startup.checkpoint, LoadOutcome::Corrupt { .. });
     for claim in ledger.state().started_claims() {
@@ -635,7 +672,7 @@ pub(crate) fn recover(
         match removed {
             Ok(()) => {
                 if let Some(entry) = ledger.state().claim(&claim.uid) {
-                    undo(entry, &claim.to_string());
+                    undo(entry, &claim);
                 }
                 ledger.state_mut().remove(&claim.uid);
                 tracing::info!(%claim, "rolled back an interrupted prepare");

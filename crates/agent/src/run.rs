@@ -31,7 +31,7 @@ use axum::Router;
 use axum::routing::get;
 use nvdra_api::names::{drivers, field_managers};
 use nvdra_api::{FeatureGate, FeatureGates};
-use nvdra_gpu::{FakeBackend, GpuBackend, NvmlBackend, NvmlOptions};
+use nvdra_gpu::{DriverRoot, FakeBackend, GpuBackend, NvmlBackend, NvmlOptions};
 use nvdra_kubelet_plugin::health::HealthState;
 use nvdra_kubelet_plugin::resourceslice::{self, CounterLayout};
 use nvdra_kubelet_plugin::{BoxError, KubeletPlugin, shutdown_signal};
@@ -44,11 +44,15 @@ use crate::computedomain::{Cluster, ComputeDomainDriver, ComputeDomainDriverConf
 use crate::driver::{GpuDriver, GpuDriverConfig};
 use crate::events::NodeEvents;
 use crate::metrics::Metrics;
+use crate::mps::{self, MpsDaemons, MpsOptions};
 use nvdra_api::flags::LogFormat;
 
 /// Why the agent could not start or stopped with a failure.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
+    /// The thread that restarts MPS control daemons could not be started.
+    #[error("start the MPS supervisor thread")]
+    SpawnMpsSupervisor(#[source] std::io::Error),
     /// Logging could not be set up.
     #[error("set up logging: {0}")]
     InitLogging(String),
@@ -283,6 +287,7 @@ async fn start_gpu_plugin(
     layout: CounterLayout,
 ) -> Result<KubeletPlugin<GpuDriver>, Error> {
     let plugin_data_dir = args.kubelet_plugins_directory_path.join(drivers::GPU);
+    let mps = mps_daemons(args, &plugin_data_dir);
     let (driver, startup) = GpuDriver::start(GpuDriverConfig {
         node_name: args.node_name.clone(),
         backend,
@@ -292,9 +297,13 @@ async fn start_gpu_plugin(
         gates: args.feature_gates.clone(),
         boot_id: read_boot_id(&args.boot_id_path),
         metrics: metrics.clone(),
+        mps: mps.clone(),
     })
     .map_err(Error::StartDriver)?;
     let driver = Arc::new(driver);
+    if let Some(daemons) = mps {
+        supervise_mps(daemons)?;
+    }
     tracing::info!(
         rolled_back = startup.rolled_back.len(),
         orphan_specs_removed = startup.orphan_specs_removed,
@@ -524,11 +533,66 @@ fn init_logging(args: &Args) -> Result<(), Error> {
 
 /// Gates upstream has whose features this build lacks. Starting with one
 /// on would silently run without the feature, so the agent refuses to.
-const UNIMPLEMENTED_GATES: [FeatureGate; 3] = [
-    FeatureGate::MPSSupport,
+const UNIMPLEMENTED_GATES: [FeatureGate; 2] = [
     FeatureGate::PassthroughSupport,
     FeatureGate::NVMLDeviceHealthCheck,
 ];
+
+/// The MPS control daemons when `MPSSupport` is on; `None` (MPS claims then
+/// fail naming why) when the driver root has no `nvidia-cuda-mps-control`.
+fn mps_daemons(args: &Args, plugin_data_dir: &Path) -> Option<Arc<MpsDaemons>> {
+    if !args.feature_gates.enabled(FeatureGate::MPSSupport) {
+        return None;
+    }
+    let root = match DriverRoot::discover(&args.container_driver_root) {
+        Ok(root) => root,
+        Err(err) => {
+            tracing::warn!(error = %nvdra_kubelet_plugin::error::error_chain(&err), "MPSSupport is on but the driver root has no driver; MPS claims will fail");
+            return None;
+        }
+    };
+    let Some(control) = root.find_binary(mps::CONTROL_BINARY) else {
+        tracing::warn!(
+            root = %root.root.display(),
+            "MPSSupport is on but the driver root has no {}; MPS claims will fail",
+            mps::CONTROL_BINARY
+        );
+        return None;
+    };
+    let library_dir = root
+        .nvml_library
+        .parent()
+        .map_or_else(|| root.root.clone(), Path::to_owned);
+    Some(Arc::new(MpsDaemons::new(MpsOptions {
+        control,
+        library_dir,
+        root: plugin_data_dir.join("mps"),
+        proc_root: args.proc_root.clone(),
+        private_shm: args.mps_private_shm,
+        start_timeout: MPS_START_TIMEOUT,
+    })))
+}
+
+/// How long an MPS control daemon may take to start (upstream waits 10 s
+/// for its Deployment; well inside the kubelet's Prepare budget).
+const MPS_START_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often dead MPS control daemons are looked for.
+const MPS_SUPERVISE_EVERY: Duration = Duration::from_secs(1);
+
+/// Restarts MPS control daemons that die, on a thread of its own (a
+/// restart blocks while the daemon starts).
+fn supervise_mps(daemons: Arc<MpsDaemons>) -> Result<(), Error> {
+    std::thread::Builder::new()
+        .name("nvdra-mps-supervisor".to_owned())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(MPS_SUPERVISE_EVERY);
+                daemons.supervise();
+            }
+        })
+        .map(|_| ())
+        .map_err(Error::SpawnMpsSupervisor)
+}
 
 /// The first enabled gate of [`UNIMPLEMENTED_GATES`].
 fn unimplemented_gate(gates: &FeatureGates) -> Option<FeatureGate> {
@@ -674,11 +738,20 @@ mod tests {
         let mps = on
             .with(FeatureGate::DynamicMIG, false)
             .with(FeatureGate::MPSSupport, true);
-        assert_eq!(unimplemented_gate(&mps), Some(FeatureGate::MPSSupport));
+        assert_eq!(unimplemented_gate(&mps), None);
+        let passthrough = mps.with(FeatureGate::PassthroughSupport, true);
         assert_eq!(
-            Error::UnimplementedGate { gate: "MPSSupport" }.to_string(),
-            "feature gate MPSSupport is enabled, but nvdra does not implement it yet; turn it \
-             off (--feature-gates=MPSSupport=false, Helm value featureGates.MPSSupport=false)"
+            unimplemented_gate(&passthrough),
+            Some(FeatureGate::PassthroughSupport)
+        );
+        assert_eq!(
+            Error::UnimplementedGate {
+                gate: "PassthroughSupport"
+            }
+            .to_string(),
+            "feature gate PassthroughSupport is enabled, but nvdra does not implement it yet; \
+             turn it off (--feature-gates=PassthroughSupport=false, Helm value \
+             featureGates.PassthroughSupport=false)"
         );
     }
 }

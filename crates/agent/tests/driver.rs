@@ -382,7 +382,9 @@ mod driver_prepare {
             (
                 "MPS",
                 with_config(4, json!({"strategy": "MPS"})),
-                "claim config 0 (FromClaim): GpuConfig.sharing.strategy MPS is not supported yet by nvdra",
+                "claim config 0 (FromClaim): sharing strategy MPS is unavailable on this node: \
+                 nvidia-cuda-mps-control was not found under the driver root when the agent \
+                 started (install the driver's MPS tools there and restart the agent)",
             ),
             (
                 "MIG config on a GPU",

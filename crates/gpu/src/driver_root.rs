@@ -96,6 +96,14 @@ impl DriverRoot {
     }
 }
 
+impl DriverRoot {
+    /// A driver binary (e.g. `nvidia-cuda-mps-control`) where the driver
+    /// keeps its binaries; `None` when it has none by that name.
+    pub fn find_binary(&self, name: &str) -> Option<PathBuf> {
+        find_file(&self.root, name, &BINARY_DIRS)
+    }
+}
+
 /// The first `<root>/<dir>/<name>` that resolves to a regular file.
 fn find_file(root: &Path, name: &str, dirs: &[&str]) -> Option<PathBuf> {
     dirs.iter().find_map(|dir| {

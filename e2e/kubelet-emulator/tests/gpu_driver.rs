@@ -61,6 +61,7 @@ fn driver(data: &Path, cdi: &Path) -> GpuDriver {
         gates: FeatureGates::default(),
         boot_id: "3c7a1b5e-0f1d-4f44-9a51-6d1f2b0e9c11".into(),
         metrics: Metrics::new(&prometheus::Registry::new(), DRIVER, NODE).unwrap(),
+        mps: None,
     };
     GpuDriver::start(config).unwrap().0
 }

@@ -28,13 +28,14 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::resource::v1::DeviceRequestAllocationResult;
-use nvdra_api::config::{GpuConfig, MigDeviceConfig, SharingStrategy};
+use nvdra_api::config::{GpuConfig, MigDeviceConfig, MpsConfig, SharingStrategy};
 use nvdra_kubelet_plugin::error::error_chain;
 use nvdra_kubelet_plugin::{ClaimError, PrepareClaim, PrepareResults};
 use serde_json::Map;
 
 use super::ledger::Ledger;
 use super::{FaultPoint, Shared, dynamic_mig, sharing};
+use crate::cdi::spec::{ContainerEdits, Mount};
 use crate::cdi::{self, ClaimDevice, qualified_device_id, render_claim_spec};
 use crate::checkpoint::{
     self, AllocatedDevice, BeginOutcome, DeviceInfo, PreparedDevice as RecordedDevice, PreparedGpu,
@@ -42,6 +43,7 @@ use crate::checkpoint::{
 };
 use crate::config::{self, ConfigGroup, ConfigOrigin, DeviceAllocation, ResolvedConfig};
 use crate::devices::AllocatableDevice;
+use crate::mps::{CONTAINER_PIPE_DIR, MpsDaemons};
 
 /// Why one claim could not be prepared. The `Display` text (with its sources) is what the
 /// kubelet reports in the pod's events.
@@ -86,6 +88,17 @@ pub enum PrepareError {
         /// What it asks for.
         what: String,
     },
+    /// A config asks for MPS on a node where the agent found no MPS control
+    /// daemon.
+    #[error(
+        "{origin}: sharing strategy MPS is unavailable on this node: nvidia-cuda-mps-control \
+         was not found under the driver root when the agent started (install the driver's \
+         MPS tools there and restart the agent)"
+    )]
+    MpsUnavailable {
+        /// Which config.
+        origin: ConfigOrigin,
+    },
     /// A device is held by another claim.
     #[error(transparent)]
     DeviceInUse(Box<checkpoint::Error>),
@@ -109,6 +122,15 @@ pub enum PrepareError {
     /// A GPU's time slice could not be set.
     #[error(transparent)]
     TimeSlice(Box<super::sharing::ApplyError>),
+    /// MPS could not be set up for a group.
+    #[error("cannot set up MPS for the devices of {origin}")]
+    Mps {
+        /// Where the group's config came from.
+        origin: ConfigOrigin,
+        /// Why.
+        #[source]
+        source: Box<super::sharing::MpsError>,
+    },
     /// Rendering or writing the claim's CDI spec failed.
     #[error(transparent)]
     Cdi(Box<cdi::Error>),
@@ -134,6 +156,10 @@ struct GroupPlan {
     devices: Vec<DevicePlan>,
     /// The time slice its full GPUs get, if the config time-slices them.
     time_slice: Option<nvdra_gpu::TimeSlice>,
+    /// Its MPS settings, if the config shares its devices through MPS.
+    mps: Option<MpsConfig>,
+    /// Where its config came from.
+    origin: ConfigOrigin,
 }
 
 /// A claim that passed every check that needs no lock.
@@ -290,13 +316,15 @@ fn plan(shared: &Shared, claim: &PrepareClaim) -> Result<ClaimPlan, PrepareError
     let groups = config::resolve(&claim.configs, &allocations, &shared.gates)
         .map_err(|err| PrepareError::ResolveConfig(Box::new(err)))?;
     for group in &groups {
-        check_supported(group)?;
+        check_supported(shared, group)?;
     }
 
     let groups = groups
         .iter()
         .map(|group| GroupPlan {
             time_slice: sharing::time_slice_of(&group.config),
+            mps: sharing::mps_of(&group.config),
+            origin: group.origin,
             devices: group
                 .devices
                 .iter()
@@ -344,7 +372,7 @@ pub(crate) fn allocated_device(result: &DeviceRequestAllocationResult) -> Alloca
 
 /// Refuses configs whose host side effect nvdra does not implement yet, instead of silently
 /// handing out a device configured differently from what the user asked for.
-fn check_supported(group: &ConfigGroup) -> Result<(), PrepareError> {
+fn check_supported(shared: &Shared, group: &ConfigGroup) -> Result<(), PrepareError> {
     let unsupported = |what: &str| {
         Err(PrepareError::UnsupportedConfig {
             origin: group.origin,
@@ -357,7 +385,10 @@ fn check_supported(group: &ConfigGroup) -> Result<(), PrepareError> {
             sharing: Some(sharing),
         }) => match &sharing.strategy {
             SharingStrategy::TimeSlicing => Ok(()),
-            SharingStrategy::Mps => unsupported("GpuConfig.sharing.strategy MPS"),
+            SharingStrategy::Mps if shared.mps.is_some() => Ok(()),
+            SharingStrategy::Mps => Err(PrepareError::MpsUnavailable {
+                origin: group.origin,
+            }),
             SharingStrategy::Unknown(other) => {
                 unsupported(&format!("GpuConfig.sharing.strategy {other:?}"))
             }
@@ -366,7 +397,10 @@ fn check_supported(group: &ConfigGroup) -> Result<(), PrepareError> {
         ResolvedConfig::Mig(MigDeviceConfig { sharing }) => {
             match sharing.as_ref().map(|s| &s.strategy) {
                 None | Some(SharingStrategy::TimeSlicing) => Ok(()),
-                Some(SharingStrategy::Mps) => unsupported("MigDeviceConfig.sharing.strategy MPS"),
+                Some(SharingStrategy::Mps) if shared.mps.is_some() => Ok(()),
+                Some(SharingStrategy::Mps) => Err(PrepareError::MpsUnavailable {
+                    origin: group.origin,
+                }),
                 Some(SharingStrategy::Unknown(other)) => {
                     unsupported(&format!("MigDeviceConfig.sharing.strategy {other:?}"))
                 }
@@ -408,7 +442,7 @@ fn begin(
                     .cdi
                     .remove_claim_spec(&plan.claim.uid)
                     .map_err(|err| (PrepareError::RollBack(Box::new(err)), false))?;
-                undo_entry(shared, &entry, &plan.claim.to_string());
+                undo_entry(shared, &entry, &plan.claim);
                 ledger.state_mut().remove(&plan.claim.uid);
                 rolled_back = true;
             }
@@ -468,14 +502,14 @@ fn write_specs(
 fn write_spec(shared: &Shared, plan: &ClaimPlan) -> Result<Vec<PreparedGroup>, PrepareError> {
     let uid = &plan.claim.uid;
     let concrete = materialize(shared, plan)?;
-    let config_states = match apply_sharing(shared, plan) {
+    let config_states = match apply_sharing(shared, plan, &concrete) {
         Ok(states) => states,
         Err(err) => {
             undo_materialize(shared, plan);
             return Err(err);
         }
     };
-    let written = render_and_write(shared, plan, &concrete);
+    let written = render_and_write(shared, plan, &concrete, &config_states);
     if written.is_err() {
         undo_sharing(shared, plan, &config_states);
         undo_materialize(shared, plan);
@@ -590,25 +624,55 @@ fn full_gpus(group: &GroupPlan) -> Vec<&nvdra_gpu::GpuInfo> {
 fn apply_sharing(
     shared: &Shared,
     plan: &ClaimPlan,
+    concrete: &BTreeMap<String, AllocatableDevice>,
 ) -> Result<Vec<Map<String, serde_json::Value>>, PrepareError> {
     let claim = plan.claim.to_string();
+    let backend = shared.backend.as_ref();
     let mut states = Vec::with_capacity(plan.groups.len());
     for group in &plan.groups {
-        let state = match group.time_slice {
-            Some(slice) => {
-                sharing::apply(shared.backend.as_ref(), &full_gpus(group), slice, &claim)
+        let state = match (group.time_slice, &group.mps, &shared.mps) {
+            (Some(slice), _, _) => sharing::apply(backend, &full_gpus(group), slice, &claim)
+                .map_err(PrepareError::TimeSlice),
+            (None, Some(config), Some(daemons)) => {
+                let uuids = group_uuids(group, concrete);
+                let uuids: Vec<&str> = uuids.iter().map(String::as_str).collect();
+                sharing::start_mps(
+                    backend,
+                    daemons,
+                    &plan.claim.uid,
+                    &full_gpus(group),
+                    &uuids,
+                    config,
+                )
+                .map_err(|source| PrepareError::Mps {
+                    origin: group.origin,
+                    source: Box::new(source),
+                })
             }
-            None => Ok(Map::new()),
+            _ => Ok(Map::new()),
         };
         match state {
             Ok(state) => states.push(state),
             Err(err) => {
                 undo_sharing(shared, plan, &states);
-                return Err(PrepareError::TimeSlice(err));
+                return Err(err);
             }
         }
     }
     Ok(states)
+}
+
+/// The UUIDs of a group's devices as prepared (GPUs and MIG devices).
+fn group_uuids(group: &GroupPlan, concrete: &BTreeMap<String, AllocatableDevice>) -> Vec<String> {
+    group
+        .devices
+        .iter()
+        .filter_map(|d| match concrete_of(concrete, &d.device) {
+            AllocatableDevice::Gpu { info } => Some(info.uuid.clone()),
+            AllocatableDevice::Mig { mig, .. } => Some(mig.uuid.clone()),
+            AllocatableDevice::Partition(_) => None,
+        })
+        .collect()
 }
 
 /// Undoes what [`apply_sharing`] recorded for the first `states.len()` groups.
@@ -618,6 +682,14 @@ fn undo_sharing(shared: &Shared, plan: &ClaimPlan, states: &[Map<String, serde_j
         if sharing::was_time_sliced(state) {
             sharing::reset(shared.backend.as_ref(), full_gpus(group), &claim);
         }
+        if let (Some(_), Some(daemons)) = (sharing::mps_daemon(state), &shared.mps) {
+            sharing::stop_mps(
+                shared.backend.as_ref(),
+                daemons,
+                &plan.claim.uid,
+                full_gpus(group),
+            );
+        }
     }
 }
 
@@ -626,24 +698,26 @@ fn render_and_write(
     shared: &Shared,
     plan: &ClaimPlan,
     concrete: &BTreeMap<String, AllocatableDevice>,
+    config_states: &[Map<String, serde_json::Value>],
 ) -> Result<(), PrepareError> {
     let uid = &plan.claim.uid;
     let mut cdi_devices: Vec<ClaimDevice> = Vec::new();
-    for device in plan.groups.iter().flat_map(|g| &g.devices) {
-        let name = device.device.name();
-        if cdi_devices.iter().any(|d| d.name == name) {
-            continue;
-        }
-        cdi_devices.push(match concrete_of(concrete, &device.device) {
-            AllocatableDevice::Gpu { info } => ClaimDevice::gpu(shared.backend.as_ref(), info),
-            AllocatableDevice::Mig { mig, .. } => ClaimDevice::mig(shared.backend.as_ref(), mig)
-                .map_err(|err| PrepareError::Cdi(Box::new(err)))?,
-            AllocatableDevice::Partition(_) => {
-                return Err(PrepareError::Internal(format!(
-                    "partition {name} reached the CDI spec without its MIG device"
-                )));
+    for (group, state) in plan.groups.iter().zip(config_states) {
+        let mps_edits = match (sharing::mps_daemon(state), &shared.mps) {
+            (Some(id), Some(daemons)) => Some(mps_client_edits(daemons, id)),
+            _ => None,
+        };
+        for device in &group.devices {
+            let name = device.device.name();
+            if cdi_devices.iter().any(|d| d.name == name) {
+                continue;
             }
-        });
+            let mut cdi_device = claim_device(shared, concrete, device)?;
+            if let Some(edits) = &mps_edits {
+                cdi_device.extra_edits.append(edits);
+            }
+            cdi_devices.push(cdi_device);
+        }
     }
     let spec = render_claim_spec(uid, &cdi_devices, &shared.common_edits)
         .map_err(|err| PrepareError::Cdi(Box::new(err)))?;
@@ -652,6 +726,47 @@ fn render_and_write(
         .write_claim_spec(uid, &spec)
         .map(|_path| ())
         .map_err(|err| PrepareError::Cdi(Box::new(err)))
+}
+
+/// What a container using an MPS daemon's devices gets: the pipe directory
+/// (and its variable) and the daemon's `/dev/shm`.
+fn mps_client_edits(daemons: &MpsDaemons, id: &str) -> ContainerEdits {
+    let (shm, pipe) = daemons.client_dirs(id);
+    let bind = |host: &std::path::Path, container: &str| Mount {
+        host_path: host.to_string_lossy().into_owned(),
+        container_path: container.to_owned(),
+        options: vec![
+            "rw".to_owned(),
+            "nosuid".to_owned(),
+            "nodev".to_owned(),
+            "bind".to_owned(),
+        ],
+        mount_type: None,
+    };
+    ContainerEdits {
+        env: vec![format!("CUDA_MPS_PIPE_DIRECTORY={CONTAINER_PIPE_DIR}")],
+        mounts: vec![bind(&shm, "/dev/shm"), bind(&pipe, CONTAINER_PIPE_DIR)],
+        ..ContainerEdits::default()
+    }
+}
+
+/// One device of the claim's spec, as prepared.
+fn claim_device(
+    shared: &Shared,
+    concrete: &BTreeMap<String, AllocatableDevice>,
+    device: &DevicePlan,
+) -> Result<ClaimDevice, PrepareError> {
+    let name = device.device.name();
+    Ok(match concrete_of(concrete, &device.device) {
+        AllocatableDevice::Gpu { info } => ClaimDevice::gpu(shared.backend.as_ref(), info),
+        AllocatableDevice::Mig { mig, .. } => ClaimDevice::mig(shared.backend.as_ref(), mig)
+            .map_err(|err| PrepareError::Cdi(Box::new(err)))?,
+        AllocatableDevice::Partition(_) => {
+            return Err(PrepareError::Internal(format!(
+                "partition {name} reached the CDI spec without its MIG device"
+            )));
+        }
+    })
 }
 
 fn recorded_device(
@@ -707,7 +822,7 @@ pub(crate) fn device_info(device: &AllocatableDevice) -> DeviceInfo {
 /// Undoes a begun claim whose work failed: its spec (if any) and its entry.
 fn roll_back_after_failure(shared: &Shared, ledger: &mut Ledger, uid: &str) {
     if let Some(entry) = ledger.state().claim(uid) {
-        undo_entry(shared, entry, uid);
+        undo_entry(shared, entry, &entry.claim_ref(uid));
     }
     if let Err(err) = shared.cdi.remove_claim_spec(uid) {
         // The entry goes anyway: a spec without an entry is an orphan, removed at start-up.
@@ -718,9 +833,14 @@ fn roll_back_after_failure(shared: &Shared, ledger: &mut Ledger, uid: &str) {
 
 /// Undoes every host change a claim's entry may stand for: time slices and
 /// created MIG devices.
-pub(super) fn undo_entry(shared: &Shared, entry: &checkpoint::ClaimEntry, claim: &str) {
+pub(super) fn undo_entry(
+    shared: &Shared,
+    entry: &checkpoint::ClaimEntry,
+    claim: &checkpoint::ClaimRef,
+) {
     super::undo_entry(
         shared.backend.as_ref(),
+        shared.mps.as_deref(),
         &shared.devices,
         &shared.gates,
         entry,

@@ -1,24 +1,35 @@
-//! The host side of time-slicing: what Prepare applies to a claim's full GPUs
-//! and what Unprepare (or a rollback) undoes.
+//! The host side of sharing: what Prepare applies to a claim's devices for
+//! time-slicing and MPS, and what Unprepare (or a rollback) undoes.
 //!
-//! Prepare sets compute mode `Default` and then the group's time slice on
-//! every full GPU of a `TimeSlicing` group, and records the slice in the
-//! group's config state ([`TIME_SLICE_KEY`]). Unprepare resets every GPU of
-//! such a group to the default slice and compute mode, as upstream does.
-//! Time-slicing of a MIG device is accepted and does nothing (the driver has
-//! no per-MIG-device slice), as upstream.
+//! Time-slicing: Prepare sets compute mode `Default` and then the group's
+//! time slice on every full GPU of a `TimeSlicing` group, and records the
+//! slice in the group's config state ([`TIME_SLICE_KEY`]). Unprepare resets
+//! every GPU of such a group to the default slice and compute mode, as
+//! upstream does. Time-slicing of a MIG device is accepted and does nothing
+//! (the driver has no per-MIG-device slice), as upstream.
+//!
+//! MPS: Prepare sets compute mode `ExclusiveProcess` on the group's full
+//! GPUs (MIG devices have no compute mode of their own), then starts the
+//! group's control daemon ([`crate::mps`]) with the claim's limits, and
+//! records the daemon's ID ([`crate::mps::DAEMON_ID_KEY`]). Unprepare stops
+//! the claim's daemons and restores compute mode `Default`, whether or not
+//! the time-slicing gate is on (upstream forgets this without it).
 //!
 //! Invariants: a failed apply resets the GPUs it already changed before
-//! returning, so a failed Prepare leaves no GPU changed. A Prepare
-//! interrupted by a crash has no config state yet; its rollback resets the
-//! claim's full GPUs when the `TimeSlicingSettings` gate is on. That is
-//! always safe: an allocated GPU belongs to that one claim.
+//! returning, so a failed Prepare leaves no GPU changed and no daemon
+//! running. A Prepare interrupted by a crash has no config state yet; its
+//! rollback resets the claim's full GPUs when the `TimeSlicingSettings` or
+//! `MPSSupport` gate is on, and stops the claim's daemons (found by their
+//! directories). That is always safe: an allocated GPU belongs to that one
+//! claim.
 //!
 //! Failure modes: an apply error fails the claim with the device and the
-//! driver's message; a reset error is logged and does not fail Unprepare
-//! (the next claim of the GPU sets its own slice whenever the gate is on).
+//! driver's (or daemon's) message; a reset error is logged and does not fail
+//! Unprepare (the next claim of the GPU sets what it needs).
 
-use nvdra_api::config::{GpuConfig, SharingStrategy, TimeSliceInterval};
+use nvdra_api::config::{
+    ConfigError, GpuConfig, MigDeviceConfig, MpsConfig, SharingStrategy, TimeSliceInterval,
+};
 use nvdra_gpu::{ComputeMode, GpuBackend, GpuInfo, TimeSlice};
 use nvdra_kubelet_plugin::error::error_chain;
 use serde_json::{Map, Value};
@@ -30,6 +41,7 @@ use nvdra_api::{FeatureGate, FeatureGates};
 use crate::checkpoint::{ClaimEntry, ClaimState, DeviceInfo};
 use crate::config::ResolvedConfig;
 use crate::devices::AllocatableDevice;
+use crate::mps::{DAEMON_ID_KEY, DaemonSpec, MpsDaemons};
 
 /// The config-state key recording the slice a group was given.
 pub(crate) const TIME_SLICE_KEY: &str = "timeSlice";
@@ -107,22 +119,116 @@ pub(super) fn was_time_sliced(config_state: &Map<String, Value>) -> bool {
     config_state.contains_key(TIME_SLICE_KEY)
 }
 
-/// The GPUs whose time slice must be reset when `entry` goes: those of its
-/// time-sliced groups once prepared; for a prepare that never completed
-/// (no groups recorded) and with the `TimeSlicingSettings` gate on, every
-/// full GPU it was allocated, except admin-access ones (other claims may
-/// hold those).
-pub(crate) fn gpus_to_reset<'a>(
+/// The MPS settings a group's config asks for; `None` when it does not use
+/// MPS.
+pub(super) fn mps_of(config: &ResolvedConfig) -> Option<MpsConfig> {
+    let (strategy, mps) = match config {
+        ResolvedConfig::Gpu(GpuConfig {
+            sharing: Some(sharing),
+        }) => (&sharing.strategy, &sharing.mps_config),
+        ResolvedConfig::Mig(MigDeviceConfig {
+            sharing: Some(sharing),
+        }) => (&sharing.strategy, &sharing.mps_config),
+        _ => return None,
+    };
+    (*strategy == SharingStrategy::Mps).then(|| mps.clone().unwrap_or_default())
+}
+
+/// Why MPS could not be set up for a group.
+#[derive(Debug, thiserror::Error)]
+pub enum MpsError {
+    /// The group's limits do not fit its devices.
+    #[error("invalid MpsConfig for the claim's devices")]
+    Limits(#[source] ConfigError),
+    /// A GPU's compute mode could not be set.
+    #[error("cannot set compute mode EXCLUSIVE_PROCESS on GPU {gpu} for MPS")]
+    ComputeMode {
+        /// The GPU's UUID.
+        gpu: String,
+        /// The device layer's error.
+        #[source]
+        source: nvdra_gpu::Error,
+    },
+    /// The control daemon could not be started.
+    #[error(transparent)]
+    Daemon(crate::mps::Error),
+}
+
+/// Sets up MPS for one group: exclusive-process compute mode on
+/// `full_gpus`, then the daemon serving `uuids` (the group's GPUs and MIG
+/// devices); returns the config state to record. On error the GPUs are reset
+/// and no daemon runs.
+pub(super) fn start_mps(
+    backend: &dyn GpuBackend,
+    daemons: &MpsDaemons,
+    claim_uid: &str,
+    full_gpus: &[&GpuInfo],
+    uuids: &[&str],
+    config: &MpsConfig,
+) -> Result<Map<String, Value>, MpsError> {
+    let limits = config
+        .pinned_memory_limits(uuids)
+        .map_err(MpsError::Limits)?;
+    let spec = DaemonSpec::new(
+        claim_uid,
+        uuids,
+        config.default_active_thread_percentage,
+        limits,
+    );
+    for (done, gpu) in full_gpus.iter().enumerate() {
+        if let Err(source) = backend.set_compute_mode(gpu, ComputeMode::ExclusiveProcess) {
+            reset_compute_mode(backend, full_gpus[..done].iter().copied(), claim_uid);
+            return Err(MpsError::ComputeMode {
+                gpu: gpu.uuid.clone(),
+                source,
+            });
+        }
+    }
+    if let Err(err) = daemons.start(&spec) {
+        reset_compute_mode(backend, full_gpus.iter().copied(), claim_uid);
+        return Err(MpsError::Daemon(err));
+    }
+    let mut state = Map::new();
+    state.insert(DAEMON_ID_KEY.to_owned(), Value::String(spec.id));
+    Ok(state)
+}
+
+/// The daemon a group's recorded config state names.
+pub(crate) fn mps_daemon(config_state: &Map<String, Value>) -> Option<&str> {
+    config_state.get(DAEMON_ID_KEY).and_then(Value::as_str)
+}
+
+/// The GPUs whose compute mode MPS changed for `entry`: those of its MPS
+/// groups once prepared; for a prepare that never completed and with the
+/// `MPSSupport` gate on, every full GPU it was allocated except admin-access
+/// ones.
+pub(crate) fn gpus_to_reset_after_mps<'a>(
     devices: &'a BTreeMap<String, AllocatableDevice>,
     gates: &FeatureGates,
     entry: &ClaimEntry,
+) -> Vec<&'a GpuInfo> {
+    gpus_of(
+        devices,
+        entry,
+        gates.enabled(FeatureGate::MPSSupport),
+        |state| mps_daemon(state).is_some(),
+    )
+}
+
+/// The full GPUs of `entry`: every non-admin one when the prepare never
+/// completed and `all_when_started`, else those of the groups `pick` selects.
+fn gpus_of<'a>(
+    devices: &'a BTreeMap<String, AllocatableDevice>,
+    entry: &ClaimEntry,
+    all_when_started: bool,
+    pick: impl Fn(&Map<String, Value>) -> bool,
 ) -> Vec<&'a GpuInfo> {
     let gpu = |device: &'a AllocatableDevice| match device {
         AllocatableDevice::Gpu { info } => Some(info),
         AllocatableDevice::Mig { .. } | AllocatableDevice::Partition(_) => None,
     };
     match entry.state {
-        ClaimState::PrepareStarted if gates.enabled(FeatureGate::TimeSlicingSettings) => entry
+        ClaimState::PrepareStarted if all_when_started => entry
             .allocated_devices
             .iter()
             .filter(|d| !d.admin_access)
@@ -131,7 +237,7 @@ pub(crate) fn gpus_to_reset<'a>(
         _ => entry
             .prepared_devices
             .iter()
-            .filter(|group| was_time_sliced(&group.config_state))
+            .filter(|group| pick(&group.config_state))
             .flat_map(|group| &group.devices)
             .filter_map(|d| match &d.info {
                 DeviceInfo::Gpu(prepared) => devices
@@ -142,6 +248,54 @@ pub(crate) fn gpus_to_reset<'a>(
             })
             .collect(),
     }
+}
+
+/// Stops `claim_uid`'s MPS daemons and restores compute mode `Default` on
+/// the GPUs MPS changed.
+pub(crate) fn stop_mps<'a>(
+    backend: &dyn GpuBackend,
+    daemons: &MpsDaemons,
+    claim_uid: &str,
+    gpus: impl IntoIterator<Item = &'a GpuInfo>,
+) {
+    daemons.stop_claim(claim_uid);
+    reset_compute_mode(backend, gpus, claim_uid);
+}
+
+/// Restores compute mode `Default`; failures are logged.
+fn reset_compute_mode<'a>(
+    backend: &dyn GpuBackend,
+    gpus: impl IntoIterator<Item = &'a GpuInfo>,
+    claim: &str,
+) {
+    for gpu in gpus {
+        if let Err(err) = backend.set_compute_mode(gpu, ComputeMode::Default) {
+            tracing::warn!(
+                claim,
+                gpu = %gpu.uuid,
+                error = %error_chain(&err),
+                "cannot restore compute mode Default after MPS"
+            );
+        }
+    }
+}
+
+/// The GPUs whose time slice must be reset when `entry` goes: those of its
+/// time-sliced groups once prepared; for a prepare that never completed
+/// (no groups recorded) and with the `TimeSlicingSettings` gate on, every
+/// full GPU it was allocated, except admin-access ones (other claims may
+/// hold those).
+pub(crate) fn gpus_to_reset<'a>(
+    devices: &'a BTreeMap<String, AllocatableDevice>,
+    gates: &FeatureGates,
+    entry: &ClaimEntry,
+) -> Vec<&'a GpuInfo> {
+    gpus_of(
+        devices,
+        entry,
+        gates.enabled(FeatureGate::TimeSlicingSettings),
+        was_time_sliced,
+    )
 }
 
 /// Resets `gpus` to the default time slice and compute mode; failures are

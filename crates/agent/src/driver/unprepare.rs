@@ -100,7 +100,7 @@ fn drop_entry(shared: &Shared, ledger: &mut Ledger, uid: &str, expect: Expect) -
         return false;
     }
     let claim = entry.claim_ref(uid);
-    super::prepare::undo_entry(shared, entry, &claim.to_string());
+    super::prepare::undo_entry(shared, entry, &claim);
     if cdi::validate_claim_uid(uid).is_ok()
         && let Err(err) = shared.cdi.remove_claim_spec(uid)
     {

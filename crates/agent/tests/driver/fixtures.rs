@@ -146,6 +146,7 @@ pub fn config_at(
         gates,
         boot_id: BOOT_ID.into(),
         metrics: Metrics::new(&registry, DRIVER, NODE).unwrap(),
+        mps: None,
     };
     (config, registry)
 }
