@@ -74,6 +74,8 @@ const CLIENT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Restart back-off bounds.
 const BACKOFF_MIN: Duration = Duration::from_secs(1);
 const BACKOFF_MAX: Duration = Duration::from_secs(60);
+/// Where the agent sees its own processes, the daemons among them.
+const OWN_PROC: &str = "/proc";
 /// How much of the daemon's output an error quotes.
 const OUTPUT_TAIL: u64 = 2048;
 
@@ -86,7 +88,8 @@ pub struct MpsOptions {
     pub library_dir: PathBuf,
     /// `<plugin data dir>/mps`.
     pub root: PathBuf,
-    /// The procfs root (memory size, adopted daemons' liveness).
+    /// The host's procfs root, for the node's memory size. (Daemons are
+    /// looked up in the agent's own `/proc`: they run in its PID namespace.)
     pub proc_root: PathBuf,
     /// Give each daemon and its clients their own tmpfs `/dev/shm` (needs
     /// CAP_SYS_ADMIN; off only where the agent cannot mount, e.g. the e2e).
@@ -751,7 +754,7 @@ impl MpsDaemons {
     /// command is the control binary and its environment names `id`'s pipe
     /// directory, so a reused PID is never mistaken for it.
     fn is_daemon(&self, pid: u32, id: &str) -> bool {
-        let proc = self.options.proc_root.join(pid.to_string());
+        let proc = Path::new(OWN_PROC).join(pid.to_string());
         let Ok(stat) = std::fs::read_to_string(proc.join("stat")) else {
             return false;
         };

@@ -17,6 +17,7 @@
 //! users' node selectors behave as on real hardware.
 
 use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -285,10 +286,17 @@ struct MockNvmlRoot {
     proc: PathBuf,
 }
 
+/// The stand-in `nvidia-cuda-mps-control` the agent's tests use.
+const MPS_CONTROL_STAND_IN: &str = include_str!(concat!(
+    env!("CARGO_MANIFEST_DIR"),
+    "/../../crates/agent/tests/fixtures/nvidia-cuda-mps-control"
+));
+
 /// Lays out a mock-NVML node's own driver root: a copy of the cluster's,
 /// with the mock library as `usr/lib64/libnvidia-ml.so.1` (found first by
 /// the agent's discovery) and its config naming the node's profile, the
-/// `nvidia-smi` stand-in (it records to `usr/bin/nvidia-smi.calls`), a state
+/// `nvidia-smi` stand-in (it records to `usr/bin/nvidia-smi.calls`), the
+/// `nvidia-cuda-mps-control` stand-in (recording beside itself too), a state
 /// file beside the node's directories (so MIG devices outlive agent
 /// restarts, as on a GPU), and sysfs and procfs roots.
 fn mock_nvml_root(tools: &Tools, launch: &NodeLaunch<'_>) -> Result<MockNvmlRoot> {
@@ -317,6 +325,12 @@ fn mock_nvml_root(tools: &Tools, launch: &NodeLaunch<'_>) -> Result<MockNvmlRoot
     let smi = root.driver_root.join("usr/bin/nvidia-smi");
     std::fs::copy(tools.bin("nvdra-e2e-nvidia-smi")?, &smi)
         .with_context(|| format!("copy the nvidia-smi stand-in to {}", smi.display()))?;
+    // The MPS control stand-in (the agent's test fixture), which records to
+    // `usr/bin/nvidia-cuda-mps-control.calls`.
+    let mps = root.driver_root.join("usr/bin/nvidia-cuda-mps-control");
+    std::fs::write(&mps, MPS_CONTROL_STAND_IN)
+        .and_then(|()| std::fs::set_permissions(&mps, std::fs::Permissions::from_mode(0o755)))
+        .with_context(|| format!("write the MPS control stand-in {}", mps.display()))?;
     let profile = match nvdra_gpu::FakeBackend::builtin(&launch.spec.profile) {
         Some(_) => launch.spec.profile.clone(),
         None => path(

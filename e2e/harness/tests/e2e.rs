@@ -155,6 +155,11 @@ const MOCK_NVML_SCENARIOS: &[(&str, Scenario, u64)] = &[
         |e| Box::pin(e2e::mocknvml::time_slicing_shares_a_gpu(e)),
         180,
     ),
+    (
+        "mps_shares_a_gpu",
+        |e| Box::pin(e2e::mocknvml::mps_shares_a_gpu(e)),
+        180,
+    ),
 ];
 
 fn main() -> ExitCode {
@@ -352,7 +357,12 @@ fn mock_nvml_spec() -> ClusterSpec {
     ClusterSpec {
         nodes: vec![NodeSpec::fake(e2e::mocknvml::FAKE_NODE, profile), nvml],
         chart_sets: Vec::new(),
-        agent_extra: vec!["--feature-gates=TimeSlicingSettings=true".into()],
+        // MPS daemons share the agent's /dev/shm here: the e2e does not
+        // assume it may mount (crates/agent/tests/mps.rs covers the tmpfs).
+        agent_extra: vec![
+            "--feature-gates=TimeSlicingSettings=true,MPSSupport=true".into(),
+            "--mps-private-shm=false".into(),
+        ],
         controllers: 0,
         client_qps: None,
     }

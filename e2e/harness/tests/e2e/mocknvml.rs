@@ -244,6 +244,113 @@ spec:
     .await
 }
 
+/// What the NVML node's MPS control stand-in did, one action a line, each
+/// prefixed with the daemon's pipe directory.
+fn mps_calls(env: &Env) -> Result<Vec<String>> {
+    let path = env
+        .cluster
+        .node_dirs(NVML_NODE)
+        .dir
+        .join("driver-root/usr/bin/nvidia-cuda-mps-control.calls");
+    match std::fs::read_to_string(&path) {
+        Ok(text) => Ok(text.lines().map(str::to_owned).collect()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(e) => Err(e).with_context(|| format!("read {}", path.display())),
+    }
+}
+
+/// MPS on the NVML node (the cluster runs with `MPSSupport`): two pods
+/// share one claim's GPU configured for MPS with a thread percentage and a
+/// pinned-memory limit. The agent set the GPU to exclusive-process through
+/// NVML, started the claim's control daemon from the driver root (the
+/// stand-in records what it was told: the GPU and both limits), and gave
+/// the containers the daemon's pipe directory; after the last pod the
+/// daemon is told to quit and the compute mode is back to `Default`.
+pub async fn mps_shares_a_gpu(env: Arc<Env>) -> Result<()> {
+    let ns = env.namespace("e2e-mps").await?;
+    env.apply(&format!(
+        "apiVersion: resource.k8s.io/v1
+kind: ResourceClaim
+metadata: {{ namespace: {ns}, name: shared-mps }}
+spec:
+  devices:
+    requests:
+    - name: gpu
+      exactly: {{ deviceClassName: gpu.nvidia.com }}
+    config:
+    - requests: [gpu]
+      opaque:
+        driver: gpu.nvidia.com
+        parameters:
+          apiVersion: resource.nvidia.com/v1beta1
+          kind: GpuConfig
+          sharing:
+            strategy: MPS
+            mpsConfig:
+              defaultActiveThreadPercentage: 50
+              defaultPinnedDeviceMemoryLimit: 8Gi
+"
+    ))?;
+    for pod in ["mps-a", "mps-b"] {
+        env.create_pod(&ns, pod, &[("gpu", "claim", "shared-mps")], Some(NVML_NODE))
+            .await?;
+    }
+    let a = env.running(&ns, "mps-a", RUNNING).await?;
+    env.running(&ns, "mps-b", RUNNING).await?;
+    let claim = env.pod_claim(&a, "gpu").await?;
+    let name = &the_device_from(&claim, NVML_NODE)?;
+    let uuid = env
+        .cluster
+        .node(NVML_NODE)?
+        .inventory()?
+        .gpus
+        .iter()
+        .find(|g| format!("gpu-{}", g.info.minor) == *name)
+        .map(|g| g.info.uuid.clone())
+        .with_context(|| format!("{name} is not a full GPU of the profile"))?;
+
+    // One daemon for the shared claim, told the GPU and both limits.
+    let calls = mps_calls(&env)?;
+    let told = |what: &str| calls.iter().filter(|c| c.ends_with(what)).count();
+    ensure!(
+        told(&format!(" start CUDA_VISIBLE_DEVICES={uuid}")) == 1
+            && told(" set_default_active_thread_percentage 50") == 1
+            && told(&format!(
+                " set_default_device_pinned_mem_limit {uuid} 8192M"
+            )) == 1,
+        "the MPS daemon was not started once with the claim's settings: {calls:?}"
+    );
+    let state = mock_state(&env, NVML_NODE)?;
+    let mode = &state["compute_modes"][&uuid];
+    ensure!(
+        mode == "ExclusiveProcess",
+        "the mock recorded compute mode {mode} for {uuid} while MPS runs"
+    );
+    let spec_path = env.cdi_spec(NVML_NODE, &uid(&claim));
+    let cdi = std::fs::read_to_string(&spec_path)
+        .with_context(|| format!("read {}", spec_path.display()))?;
+    ensure!(
+        cdi.contains("CUDA_MPS_PIPE_DIRECTORY=/tmp/nvidia-mps") && cdi.contains("/dev/shm"),
+        "the CDI spec lacks the MPS pipe directory or shm:\n{cdi}"
+    );
+
+    for pod in ["mps-a", "mps-b"] {
+        env.delete_pod(&ns, pod, Duration::from_secs(60)).await?;
+    }
+    nvdra_e2e::wait::until(
+        Duration::from_secs(30),
+        "the MPS daemon to stop and the compute mode to be restored",
+        || async {
+            let calls = mps_calls(&env)?;
+            let stopped = calls.iter().any(|c| c.ends_with(" quit"))
+                && calls.iter().any(|c| c.ends_with(" stop"));
+            let state = mock_state(&env, NVML_NODE)?;
+            Ok(stopped && state["compute_modes"][&uuid].is_null())
+        },
+    )
+    .await
+}
+
 /// The node of the DynamicMIG cluster: an H100 node on the mock library.
 pub const DYNAMIC_NODE: &str = "dmig-h100";
 
