@@ -19,7 +19,10 @@
 //!   created behind;
 //! - the sharing settings ([`GpuBackend::set_compute_mode`],
 //!   [`GpuBackend::set_time_slice`]) are idempotent. Everything else only
-//!   reads.
+//!   reads;
+//! - [`GpuBackend::watch_health`] follows upstream's health check (see
+//!   [`crate::health`]); waiting on the watch never delays the backend's
+//!   other methods.
 
 use std::path::Path;
 
@@ -28,6 +31,7 @@ use serde::{Deserialize, Serialize};
 use crate::Error;
 use crate::device::{DriverInfo, GpuInfo};
 use crate::fabric::FabricInfo;
+use crate::health::HealthWatch;
 use crate::imex::ImexInfo;
 use crate::mig::{MigDeviceInfo, MigProfile};
 use crate::nodes::{self, DeviceNode, MigCapabilities};
@@ -85,6 +89,21 @@ pub trait GpuBackend: Send + Sync {
     /// Root under which `/dev` holds the device nodes (`/` or the driver
     /// root).
     fn dev_root(&self) -> &Path;
+
+    /// Starts watching `gpus` (full GPUs) for health events. A GPU whose
+    /// events cannot be registered is listed as unmonitored, not an error;
+    /// an error means no watch could be set up at all (or `gpus` names a GPU
+    /// the backend does not have: [`Error::UnknownGpu`]).
+    ///
+    /// The default is for backends without health events: it monitors
+    /// nothing and says so ([`HealthWatch::none`]).
+    fn watch_health(&self, gpus: &[GpuInfo]) -> Result<HealthWatch, Error> {
+        tracing::warn!(
+            gpus = gpus.len(),
+            "this GPU backend reports no health events; GPU health is not monitored"
+        );
+        Ok(HealthWatch::none(gpus))
+    }
 
     /// Everything above in one answer, the agent's startup snapshot.
     fn inventory(&self) -> Result<Inventory, Error> {

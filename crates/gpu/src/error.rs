@@ -308,6 +308,16 @@ pub enum Error {
         #[source]
         source: Option<Box<Error>>,
     },
+
+    /// A line of health-event text (the mock NVML's events file) is not an
+    /// event.
+    #[error("invalid health event {line:?}: {reason}")]
+    ParseHealthEvent {
+        /// The line.
+        line: String,
+        /// What is wrong with it.
+        reason: String,
+    },
 }
 
 impl Error {

@@ -14,14 +14,26 @@
 //! Realistic profiles ship in `crates/gpu/profiles/` and are also compiled in
 //! ([`BUILTIN_PROFILES`], [`FakeBackend::builtin`]) so a binary can simulate
 //! a node without files.
+//!
+//! Health events are injected ([`FakeBackend::inject_health_event`]) into
+//! the node's event log, which every health watch reads from where it
+//! started; a waiting watch sleeps on a condition variable that injection
+//! signals, so it wakes at once for an event and otherwise after its
+//! timeout, and never holds the node's lock while sleeping. A watch filters
+//! as NVML would: events of GPUs it does not monitor are skipped, `GpuLost`
+//! always arrives.
 
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 
 use crate::Error;
 use crate::backend::{GpuBackend, GpuInventory, Inventory};
 use crate::device::{DriverInfo, GpuInfo};
 use crate::fabric::FabricInfo;
+use crate::health::{HealthEvent, HealthEventKind, HealthSource, HealthWatch, deadline};
 use crate::imex::ImexInfo;
 use crate::mig::{MigDeviceInfo, MigProfile, MigRefusal};
 use crate::nodes::MigCapabilities;
@@ -54,6 +66,8 @@ pub const BUILTIN_PROFILES: [(&str, &str); 5] = [
 #[derive(Debug, Clone)]
 pub struct FakeBackend {
     node: Arc<Mutex<FakeNode>>,
+    /// Signalled (with `node`'s lock) whenever a health event is injected.
+    health: Arc<Condvar>,
     imex: ImexInfo,
     dev_root: PathBuf,
 }
@@ -78,7 +92,8 @@ impl FakeBackend {
     /// Validates a profile built in code; `origin` names it in errors.
     pub fn from_profile(profile: &FakeProfile, origin: &str) -> Result<Self, Error> {
         Ok(Self {
-            node: Arc::new(Mutex::new(FakeNode::new(profile.resolve(origin)?))),
+            node: Arc::new(Mutex::new(profile.node(origin)?)),
+            health: Arc::new(Condvar::new()),
             imex: ImexInfo::fake(profile.imex_channel_count()),
             dev_root: PathBuf::from("/"),
         })
@@ -96,6 +111,29 @@ impl FakeBackend {
     /// would have been told), for tests.
     pub fn time_slice(&self, uuid: &str) -> TimeSlice {
         self.node().time_slice(uuid)
+    }
+
+    /// A copy of the node's current state (what the mock NVML library
+    /// starts from, so both serve the same profile identically).
+    pub fn fake_node(&self) -> FakeNode {
+        self.node().clone()
+    }
+
+    /// Reports `event` to every health watch of this node (and of its
+    /// clones) that started before it and monitors its GPU. A `GpuLost`
+    /// loses its UUID and instance IDs, as NVML's `GPU_IS_LOST` names no
+    /// GPU.
+    pub fn inject_health_event(&self, event: HealthEvent) {
+        self.node().inject_health_event(event);
+        self.health.notify_all();
+    }
+
+    /// Makes the GPU with `uuid` support health events or not, for watches
+    /// started afterwards (the profile's `health_events`).
+    pub fn set_health_events_supported(&self, uuid: &str, supported: bool) -> Result<(), Error> {
+        self.on_gpu(uuid, |node, _| {
+            node.set_health_events_supported(uuid, supported);
+        })
     }
 
     /// Serves device nodes from under `dev_root` instead of `/`.
@@ -230,6 +268,78 @@ impl GpuBackend for FakeBackend {
     fn inventory(&self) -> Result<Inventory, Error> {
         Ok(self.node().inventory.clone())
     }
+
+    fn watch_health(&self, gpus: &[GpuInfo]) -> Result<HealthWatch, Error> {
+        let node = self.node();
+        let mut monitored = BTreeSet::new();
+        let mut unmonitored = Vec::new();
+        for gpu in gpus {
+            if node.gpu_index(&gpu.uuid).is_none() {
+                return Err(Error::UnknownGpu {
+                    uuid: gpu.uuid.clone(),
+                });
+            }
+            if node.health_events_supported(&gpu.uuid) {
+                monitored.insert(gpu.uuid.clone());
+            } else {
+                tracing::warn!(gpu = %gpu.uuid, "GPU supports no health event type; its health is not monitored");
+                unmonitored.push(gpu.uuid.clone());
+            }
+        }
+        let source = FakeHealth {
+            node: Arc::clone(&self.node),
+            health: Arc::clone(&self.health),
+            monitored,
+            cursor: AtomicUsize::new(node.health_events.len()),
+        };
+        Ok(HealthWatch::new(unmonitored, Box::new(source)))
+    }
+}
+
+/// A fake health watch: a cursor into the node's event log.
+struct FakeHealth {
+    node: Arc<Mutex<FakeNode>>,
+    health: Arc<Condvar>,
+    /// GPUs whose events are delivered.
+    monitored: BTreeSet<String>,
+    /// Index of the next log entry to look at; changed only under the
+    /// node's lock, so concurrent waits on one watch never deliver an event
+    /// twice.
+    cursor: AtomicUsize,
+}
+
+impl HealthSource for FakeHealth {
+    fn wait(&self, timeout: Duration) -> Result<Option<HealthEvent>, Error> {
+        let until = deadline(timeout);
+        // As in `FakeBackend::node`: the node is valid after every change.
+        let mut node = self.node.lock().unwrap_or_else(PoisonError::into_inner);
+        loop {
+            let start = self.cursor.load(Ordering::Relaxed);
+            let log = &node.health_events;
+            let found = log.iter().skip(start).position(|e| {
+                e.kind == HealthEventKind::GpuLost || self.monitored.contains(&e.gpu_uuid)
+            });
+            match found {
+                Some(k) => {
+                    self.cursor.store(start + k + 1, Ordering::Relaxed);
+                    return Ok(Some(log[start + k].clone()));
+                }
+                None => self.cursor.store(log.len(), Ordering::Relaxed),
+            }
+            let left = match until {
+                Some(until) => until.saturating_duration_since(Instant::now()),
+                None => Duration::MAX,
+            };
+            if left.is_zero() {
+                return Ok(None);
+            }
+            node = self
+                .health
+                .wait_timeout(node, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
+        }
+    }
 }
 
 /// How a MIG device creation is named in errors, by every backend.
@@ -243,4 +353,111 @@ pub(crate) fn destroy_op(mig: &MigDeviceInfo) -> String {
         "destroy MIG device {} (GI {}, CI {})",
         mig.uuid, mig.gi_id, mig.ci_id
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pretty_assertions::assert_eq;
+
+    const SHORT: Duration = Duration::from_millis(20);
+
+    fn l4() -> (FakeBackend, Vec<GpuInfo>) {
+        let backend = FakeBackend::builtin("l4-x2").unwrap().unwrap();
+        let gpus = backend.gpus().unwrap();
+        (backend, gpus)
+    }
+
+    #[test]
+    fn watches_deliver_injected_events_in_order() {
+        let (backend, gpus) = l4();
+        let before = HealthEvent::gpu(gpus[0].uuid.clone(), HealthEventKind::Xid(13));
+        backend.inject_health_event(before);
+        let watch = backend.watch_health(&gpus[..1]).unwrap();
+        assert!(watch.unmonitored().is_empty());
+        let xid = HealthEvent::gpu(gpus[0].uuid.clone(), HealthEventKind::Xid(79));
+        let other_gpu = HealthEvent::gpu(gpus[1].uuid.clone(), HealthEventKind::DoubleBitEcc);
+        let mig = HealthEvent {
+            gi_id: Some(3),
+            ci_id: Some(0),
+            ..HealthEvent::gpu(gpus[0].uuid.clone(), HealthEventKind::SingleBitEcc)
+        };
+        let lost_on_gpu = HealthEvent::gpu(gpus[1].uuid.clone(), HealthEventKind::GpuLost);
+        for event in [xid.clone(), other_gpu, mig.clone(), lost_on_gpu] {
+            // A clone shares the node, as a second handle would.
+            backend.clone().inject_health_event(event);
+        }
+        // The event before the watch and the unwatched GPU's are skipped; a
+        // lost GPU names none.
+        assert_eq!(watch.wait(SHORT).unwrap(), Some(xid));
+        assert_eq!(watch.wait(SHORT).unwrap(), Some(mig));
+        assert_eq!(watch.wait(SHORT).unwrap(), Some(HealthEvent::gpu_lost()));
+        assert_eq!(watch.wait(SHORT).unwrap(), None);
+    }
+
+    #[test]
+    fn a_waiting_watch_wakes_for_an_event_and_otherwise_times_out() {
+        let (backend, gpus) = l4();
+        let watch = backend.watch_health(&gpus).unwrap();
+        let t0 = Instant::now();
+        assert_eq!(watch.wait(SHORT).unwrap(), None);
+        assert!(t0.elapsed() >= SHORT);
+
+        let event = HealthEvent::gpu(gpus[1].uuid.clone(), HealthEventKind::Xid(48));
+        let injector = {
+            let backend = backend.clone();
+            let event = event.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(50));
+                backend.inject_health_event(event);
+            })
+        };
+        let t0 = Instant::now();
+        assert_eq!(watch.wait(Duration::from_secs(30)).unwrap(), Some(event));
+        assert!(t0.elapsed() < Duration::from_secs(10), "woke late");
+        injector.join().unwrap();
+        // Other calls are served while a watch waits.
+        let waiting = std::thread::spawn(move || watch.wait(Duration::from_millis(300)));
+        std::thread::sleep(Duration::from_millis(50));
+        let t0 = Instant::now();
+        assert_eq!(backend.gpus().unwrap(), gpus);
+        assert!(t0.elapsed() < Duration::from_millis(200));
+        assert_eq!(waiting.join().unwrap().unwrap(), None);
+    }
+
+    #[test]
+    fn gpus_without_events_are_unmonitored() {
+        let (backend, gpus) = l4();
+        backend
+            .set_health_events_supported(&gpus[0].uuid, false)
+            .unwrap();
+        let watch = backend.watch_health(&gpus).unwrap();
+        assert_eq!(watch.unmonitored(), [gpus[0].uuid.clone()]);
+        backend.inject_health_event(HealthEvent::gpu(
+            gpus[0].uuid.clone(),
+            HealthEventKind::DoubleBitEcc,
+        ));
+        assert_eq!(watch.wait(SHORT).unwrap(), None);
+
+        let mut profile = FakeProfile::uniform(GpuModel::L4, 2);
+        profile.gpus[1].health_events = false;
+        let text = serde_saphyr::to_string(&profile).unwrap();
+        assert!(text.contains("health_events: false"), "{text}");
+        let from_yaml = FakeBackend::from_yaml(&text, "test").unwrap();
+        let gpus = from_yaml.gpus().unwrap();
+        let watch = from_yaml.watch_health(&gpus).unwrap();
+        assert_eq!(watch.unmonitored(), [gpus[1].uuid.clone()]);
+
+        let mut stranger = gpus[0].clone();
+        stranger.uuid = "GPU-none".into();
+        assert_eq!(
+            from_yaml.watch_health(&[stranger]).unwrap_err().to_string(),
+            "no GPU with UUID GPU-none"
+        );
+        assert!(
+            from_yaml
+                .set_health_events_supported("GPU-none", false)
+                .is_err()
+        );
+    }
 }

@@ -15,6 +15,8 @@
 //!   values upstream publishes, so the agent stays a drop-in replacement.
 //! - [`vfio`] moves a whole GPU between `nvidia` and `vfio-pci` for VFIO
 //!   passthrough, through sysfs and procfs.
+//! - [`health`] defines GPU health events (critical Xids, ECC errors, lost
+//!   GPUs) and the [`HealthWatch`] both backends hand out to wait for them.
 //!
 //! No Kubernetes types and no async runtime appear here: plain data in, plain
 //! data out, std threads for the NVML worker.
@@ -27,6 +29,7 @@ pub mod driver_root;
 pub mod error;
 pub mod fabric;
 pub mod fake;
+pub mod health;
 pub mod imex;
 pub mod mig;
 pub mod naming;
@@ -44,6 +47,7 @@ pub use driver_root::DriverRoot;
 pub use error::Error;
 pub use fabric::{ClusterUuid, FabricInfo, FabricState, FabricStatus};
 pub use fake::{FakeBackend, FakeProfile, GpuModel};
+pub use health::{HealthEvent, HealthEventKind, HealthWatch};
 pub use imex::{ImexInfo, ImexReader, node_clique_id};
 pub use mig::{MigCapacities, MigDeviceInfo, MigPlacement, MigProfile};
 pub use naming::{DeviceName, MigDeviceName, gpu_device_name, mig_device_name};

@@ -22,6 +22,9 @@
 //!
 //! Per GPU, the MIG profile table (≈ 50 ms of NVML calls) is cached on the
 //! worker thread, keyed by UUID and MIG mode.
+//!
+//! Health watches (module `health`) run on threads of their own, with their
+//! own NVML handle, so waiting for events never delays the calls above.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -44,6 +47,7 @@ use crate::device::{
 use crate::driver_root::DriverRoot;
 use crate::fabric::{ClusterUuid, FabricInfo, FabricState, FabricStatus};
 use crate::fake::{create_op, destroy_op};
+use crate::health::HealthWatch;
 use crate::imex::{ImexInfo, ImexReader};
 use crate::mig::{
     MigCapacities, MigDeviceInfo, MigPlacement, MigProfile, MigRefusal, ci_profile_index_of_slices,
@@ -53,6 +57,7 @@ use crate::nodes::{CapabilityReader, MigCapabilities};
 use crate::pcie::pcie_root;
 use crate::sharing::{ComputeMode, TimeSlice, run_set_time_slice};
 
+mod health;
 mod raw;
 pub(crate) mod worker;
 
@@ -102,6 +107,8 @@ pub struct NvmlBackend {
     driver_root: DriverRoot,
     /// Longest wait for one NVML call or `nvidia-smi` run.
     call_timeout: Duration,
+    /// Longest wait for initialising NVML (also a health watch's own).
+    init_timeout: Duration,
     capabilities: CapabilityReader,
     imex: ImexReader,
 }
@@ -150,6 +157,7 @@ impl NvmlBackend {
             worker,
             driver_root,
             call_timeout: options.call_timeout,
+            init_timeout: options.init_timeout,
             imex: ImexReader::new(&options.proc_root),
             capabilities: CapabilityReader::new(options.proc_root),
         })
@@ -348,6 +356,16 @@ impl GpuBackend for NvmlBackend {
 
     fn dev_root(&self) -> &Path {
         &self.driver_root.dev_root
+    }
+
+    /// On a thread and NVML handle of the watch's own (see module `health`).
+    fn watch_health(&self, gpus: &[GpuInfo]) -> Result<HealthWatch, Error> {
+        health::watch(
+            &self.driver_root.nvml_library,
+            gpus,
+            self.init_timeout,
+            self.call_timeout,
+        )
     }
 
     /// One trip to the worker for the whole snapshot.

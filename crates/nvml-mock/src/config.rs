@@ -17,11 +17,27 @@
 //! change, written atomically, so a restarted agent finds the MIG devices
 //! it left, as it would on a real GPU. A state file that does not match the
 //! profile's GPUs is an error, never silently dropped.
+//!
+//! Health events come from the events file [`EVENTS_FILE`] beside the
+//! config (a fixed name rather than a config key, so existing configs and
+//! the code writing them stay as they are). Anyone may append to it, one
+//! event per line in [`HealthEvent`]'s text form, e.g.
+//! `GPU-<uuid> xid 79`, `GPU-<uuid> gi 1 ci 0 xid 94`, `GPU-<uuid> dbe`,
+//! `GPU-<uuid> sbe` or `lost` (`#` starts a comment). The mock reads lines
+//! as they are completed (a line counts once its newline is written),
+//! remembering how far it has read; a file that shrinks is read again from
+//! the start. Each line happens once, when it is read (at every event-set
+//! creation and every poll of a waiting `nvmlEventSetWait_v2`): it reaches
+//! each event set that existed then and, when it waits, has its GPU
+//! registered for its type, much as a real event reaches the sets that
+//! exist when it happens. A line that is not an event is reported on
+//! stderr and skipped. The file may be missing (no events).
 
 use std::path::{Path, PathBuf};
 
 use nvdra_gpu::FakeBackend;
 use nvdra_gpu::GpuBackend;
+use nvdra_gpu::HealthEvent;
 use nvdra_gpu::fake::FakeNode;
 use serde::{Deserialize, Serialize};
 
@@ -29,6 +45,8 @@ use serde::{Deserialize, Serialize};
 pub const CONFIG_FILE: &str = "nvdra-mock-nvml.yaml";
 /// The environment variable that overrides the config's location.
 pub const CONFIG_ENV: &str = "NVDRA_MOCK_NVML_CONFIG";
+/// The events file's name, beside the config.
+pub const EVENTS_FILE: &str = "nvdra-mock-nvml.events";
 
 /// The config file's content.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -54,6 +72,8 @@ pub struct Loaded {
     pub state_file: Option<PathBuf>,
     /// The procfs root, resolved.
     pub proc_root: Option<PathBuf>,
+    /// The events file (which need not exist).
+    pub events_file: PathBuf,
     /// The config file it came from.
     pub config_path: PathBuf,
 }
@@ -74,13 +94,12 @@ pub fn load(path: &Path) -> Result<Loaded, String> {
             chain(&e)
         )
     })?;
-    let inventory = backend
-        .inventory()
-        .map_err(|e| format!("profile {:?}: {}", config.profile, chain(&e)))?;
     let imex = backend
         .imex()
         .map_err(|e| format!("profile {:?}: {}", config.profile, chain(&e)))?;
-    let mut node = FakeNode::new(inventory);
+    // The fake backend's own node: the profile's inventory and what it says
+    // beyond it (GPUs without health events).
+    let mut node = backend.fake_node();
     let state_file = config.state_file.map(|f| dir.join(f));
     if let Some(file) = state_file.as_deref().filter(|f| f.exists()) {
         let saved = read_state(file)?;
@@ -114,8 +133,27 @@ pub fn load(path: &Path) -> Result<Loaded, String> {
         node,
         state_file,
         proc_root,
+        events_file: events_file(path),
         config_path: path.to_owned(),
     })
+}
+
+/// The events file of the config at `config_path`.
+pub fn events_file(config_path: &Path) -> PathBuf {
+    config_path.with_file_name(EVENTS_FILE)
+}
+
+/// Appends `event` to the events `file` (created if missing) as one line,
+/// in one append-mode write, so that concurrent writers never interleave
+/// within a line.
+pub fn append_event(file: &Path, event: &HealthEvent) -> Result<(), String> {
+    use std::io::Write;
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(file)
+        .and_then(|mut f| f.write_all(format!("{event}\n").as_bytes()))
+        .map_err(|e| format!("cannot append to {}: {e}", file.display()))
 }
 
 /// The fake backend of `profile`: a built-in name, or a file path relative
@@ -201,6 +239,21 @@ mod tests {
         assert!(err.starts_with("profile \"nope\" of "), "{err}");
         std::fs::write(&path, "profil: l4-x2\n").unwrap();
         assert!(load(&path).unwrap_err().starts_with("cannot parse "));
+    }
+
+    #[test]
+    fn events_file_and_health_flags_come_with_the_node() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut profile = nvdra_gpu::FakeProfile::uniform(nvdra_gpu::GpuModel::L4, 2);
+        profile.gpus[0].health_events = false;
+        let text = serde_saphyr::to_string(&profile).unwrap();
+        std::fs::write(dir.path().join("node.yaml"), text).unwrap();
+        let path = dir.path().join(CONFIG_FILE);
+        std::fs::write(&path, "profile: node.yaml\n").unwrap();
+        let loaded = load(&path).unwrap();
+        assert_eq!(loaded.events_file, dir.path().join(EVENTS_FILE));
+        assert!(!loaded.node.health_events_supported(&profile.gpus[0].uuid));
+        assert!(loaded.node.health_events_supported(&profile.gpus[1].uuid));
     }
 
     #[test]

@@ -13,12 +13,16 @@
 // stderr too.
 #![allow(clippy::print_stderr)]
 
+use std::collections::BTreeMap;
 use std::ffi::{CStr, c_char, c_int, c_uint, c_ulonglong};
+use std::io::{Read, Seek, SeekFrom};
 use std::path::PathBuf;
 use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant};
 
 use nvdra_gpu::fake::FakeNode;
 use nvdra_gpu::fake::node::GpuInstanceView;
+use nvdra_gpu::health::{HEALTH_EVENT_TYPES, HealthEvent};
 use nvdra_gpu::mig::{MigRefusal, ci_profile_index_of_slices, profile_index_of_id};
 use nvdra_gpu::{AddressingMode, Architecture, GpuInventory, MigDeviceInfo, MigProfile};
 use nvml_wrapper_sys::bindings as sys;
@@ -35,10 +39,14 @@ const NOT_FOUND: Ret = sys::nvmlReturn_enum_NVML_ERROR_NOT_FOUND;
 const INSUFFICIENT_SIZE: Ret = sys::nvmlReturn_enum_NVML_ERROR_INSUFFICIENT_SIZE;
 const DRIVER_NOT_LOADED: Ret = sys::nvmlReturn_enum_NVML_ERROR_DRIVER_NOT_LOADED;
 const TIMEOUT: Ret = sys::nvmlReturn_enum_NVML_ERROR_TIMEOUT;
+const GPU_IS_LOST: Ret = sys::nvmlReturn_enum_NVML_ERROR_GPU_IS_LOST;
 const UNKNOWN: Ret = sys::nvmlReturn_enum_NVML_ERROR_UNKNOWN;
 
 /// Upper bound on MIG devices per GPU (seven 1-slice instances).
 const MAX_MIG_DEVICES: u32 = 7;
+
+/// How often a waiting `nvmlEventSetWait_v2` looks at the events file.
+const EVENT_POLL: Duration = Duration::from_millis(10);
 
 /// The process's mock driver.
 struct Mock {
@@ -47,6 +55,31 @@ struct Mock {
     proc_root: Option<PathBuf>,
     /// Outstanding `nvmlInit*` calls.
     inits: u32,
+    /// Where health events come from (see [`config`]).
+    events_file: PathBuf,
+    /// Bytes of the events file already read into the node's event log.
+    events_read: u64,
+    /// Live event sets by ID.
+    event_sets: BTreeMap<u64, EventSet>,
+    /// The ID the next event set gets.
+    next_event_set: u64,
+}
+
+/// One event set: which GPUs registered which event types, and how far it
+/// has read the node's event log.
+#[derive(Debug)]
+struct EventSet {
+    /// Event type mask by GPU index.
+    registered: BTreeMap<usize, u64>,
+    /// Index of the next log entry to look at.
+    cursor: usize,
+}
+
+/// What an event set's wait finds.
+enum NextEvent {
+    Event(sys::nvmlEventData_t),
+    Lost,
+    Nothing,
 }
 
 /// `None` until the first successful init; kept after the last shutdown,
@@ -104,6 +137,10 @@ fn init() -> Ret {
                 state_file: loaded.state_file,
                 proc_root: loaded.proc_root,
                 inits: 1,
+                events_file: loaded.events_file,
+                events_read: 0,
+                event_sets: BTreeMap::new(),
+                next_event_set: 1,
             });
             SUCCESS
         }
@@ -125,13 +162,16 @@ enum Handle {
     Mig { gpu: usize, gi: u32, ci: u32 },
     GpuInstance { gpu: usize, gi: u32 },
     ComputeInstance { gpu: usize, gi: u32, ci: u32 },
-    EventSet,
+    EventSet(u64),
 }
 
-/// Handles are `MAGIC | kind << 40 | gpu << 24 | gi << 12 | ci`: never null,
-/// never a valid address, decodable without a table.
+/// Handles are `MAGIC | kind << 40 | gpu << 24 | gi << 12 | ci` (an event
+/// set: `MAGIC | kind << 40 | id`): never null, never a valid address,
+/// decodable without a table.
 const MAGIC: usize = 0x6e76_0000_0000_0000;
 const MAGIC_MASK: usize = 0xffff_0000_0000_0000;
+/// The bits of an event set's ID in its handle.
+const EVENT_SET_ID_MASK: usize = 0xff_ffff_ffff;
 
 impl Handle {
     fn encode(self) -> usize {
@@ -140,7 +180,7 @@ impl Handle {
             Self::Mig { gpu, gi, ci } => (2, gpu, gi, ci),
             Self::GpuInstance { gpu, gi } => (3, gpu, gi, 0),
             Self::ComputeInstance { gpu, gi, ci } => (4, gpu, gi, ci),
-            Self::EventSet => (5, 0, 0, 0),
+            Self::EventSet(id) => return MAGIC | 5 << 40 | id as usize & EVENT_SET_ID_MASK,
         };
         MAGIC
             | kind << 40
@@ -161,7 +201,7 @@ impl Handle {
             2 => Self::Mig { gpu, gi, ci },
             3 => Self::GpuInstance { gpu, gi },
             4 => Self::ComputeInstance { gpu, gi, ci },
-            5 => Self::EventSet,
+            5 => Self::EventSet((raw & EVENT_SET_ID_MASK) as u64),
             _ => return None,
         })
     }
@@ -230,6 +270,105 @@ impl Mock {
                 .ok_or(NOT_FOUND),
             _ => Err(INVALID_ARGUMENT),
         }
+    }
+
+    /// The health event types GPU `g` supports.
+    fn supported_event_types(&self, g: &GpuInventory) -> u64 {
+        if self.node.health_events_supported(&g.info.uuid) {
+            HEALTH_EVENT_TYPES
+        } else {
+            0
+        }
+    }
+
+    /// Appends the events file's newly completed lines to the node's event
+    /// log. Unreadable files and lines are reported, never fatal: the node
+    /// simply sees no event.
+    fn read_events(&mut self) {
+        let mut file = match std::fs::File::open(&self.events_file) {
+            Ok(file) => file,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return,
+            Err(e) => {
+                eprintln!(
+                    "nvdra-nvml-mock: cannot open {}: {e}",
+                    self.events_file.display()
+                );
+                return;
+            }
+        };
+        let len = file.metadata().map_or(0, |m| m.len());
+        if len < self.events_read {
+            // Truncated or replaced: a new file, read from its start.
+            self.events_read = 0;
+        }
+        if len == self.events_read {
+            return;
+        }
+        let mut new = Vec::new();
+        if let Err(e) = file
+            .seek(SeekFrom::Start(self.events_read))
+            .and_then(|_| file.read_to_end(&mut new))
+        {
+            eprintln!(
+                "nvdra-nvml-mock: cannot read {}: {e}",
+                self.events_file.display()
+            );
+            return;
+        }
+        // A line without its newline is still being written.
+        let complete = new.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+        for line in String::from_utf8_lossy(&new[..complete]).lines() {
+            if line
+                .split('#')
+                .next()
+                .is_none_or(|text| text.trim().is_empty())
+            {
+                continue;
+            }
+            match line.parse::<HealthEvent>() {
+                Ok(event) => self.node.inject_health_event(event),
+                Err(e) => eprintln!("nvdra-nvml-mock: {}: {e}", self.events_file.display()),
+            }
+        }
+        self.events_read += complete as u64;
+    }
+
+    /// The next event of the log that event set `id` should deliver, moving
+    /// its cursor past everything looked at.
+    fn next_event(&mut self, id: u64) -> Result<NextEvent, Ret> {
+        self.read_events();
+        let set = self.event_sets.get(&id).ok_or(INVALID_ARGUMENT)?;
+        let log = &self.node.health_events;
+        let mut cursor = set.cursor;
+        let mut next = NextEvent::Nothing;
+        while let Some(event) = log.get(cursor) {
+            cursor += 1;
+            let Some((event_type, data, gi, ci)) = event.to_nvml() else {
+                next = NextEvent::Lost;
+                break;
+            };
+            let Some(gpu) = self.node.gpu_index(&event.gpu_uuid) else {
+                continue;
+            };
+            if set
+                .registered
+                .get(&gpu)
+                .is_some_and(|m| m & event_type != 0)
+            {
+                next = NextEvent::Event(sys::nvmlEventData_t {
+                    device: Handle::Gpu(gpu).ptr(),
+                    eventType: event_type,
+                    eventData: data,
+                    gpuInstanceId: gi,
+                    computeInstanceId: ci,
+                });
+                break;
+            }
+        }
+        if let Some(set) = self.event_sets.get_mut(&id) {
+            set.cursor = cursor;
+        }
+        Ok(next)
     }
 }
 
@@ -407,6 +546,7 @@ pub extern "C" fn nvmlErrorString(result: Ret) -> *const c_char {
         INSUFFICIENT_SIZE => c"Insufficient Size",
         DRIVER_NOT_LOADED => c"Driver Not Loaded",
         TIMEOUT => c"Timeout",
+        GPU_IS_LOST => c"GPU is lost",
         sys::nvmlReturn_enum_NVML_ERROR_IN_USE => c"In use by another client",
         sys::nvmlReturn_enum_NVML_ERROR_INSUFFICIENT_RESOURCES => c"Insufficient resources",
         _ => c"Unknown Error",
@@ -1374,64 +1514,120 @@ pub extern "C" fn nvmlDeviceGetAddressingMode(
     })
 }
 
-/// `nvmlEventSetCreate`: event sets exist, but no event ever fires.
+/// `nvmlEventSetCreate`: a set that sees the events read from now on (the
+/// events file is read first, so lines written before do not reach it).
 #[unsafe(no_mangle)]
 pub extern "C" fn nvmlEventSetCreate(set: *mut sys::nvmlEventSet_t) -> Ret {
-    with(|_| out(set, Handle::EventSet.ptr()))
+    if set.is_null() {
+        return INVALID_ARGUMENT;
+    }
+    with(|m| {
+        m.read_events();
+        let id = m.next_event_set;
+        m.next_event_set += 1;
+        let cursor = m.node.health_events.len();
+        m.event_sets.insert(
+            id,
+            EventSet {
+                registered: BTreeMap::new(),
+                cursor,
+            },
+        );
+        out(set, Handle::EventSet(id).ptr())
+    })
 }
 
-/// `nvmlDeviceGetSupportedEventTypes`: none, so callers do not wait for
-/// health events the mock cannot produce.
+/// `nvmlDeviceGetSupportedEventTypes`: the critical-Xid and both ECC types
+/// on a full GPU, none on a GPU whose profile says `health_events: false`
+/// or on a MIG device (its events come through its parent GPU).
 #[unsafe(no_mangle)]
 pub extern "C" fn nvmlDeviceGetSupportedEventTypes(
     device: sys::nvmlDevice_t,
     types: *mut c_ulonglong,
 ) -> Ret {
     with(|m| match m.target(device) {
-        Ok(_) => out(types, 0),
+        Ok(Target::Gpu(g)) => out(types, m.supported_event_types(g)),
+        Ok(Target::Mig(..)) => out(types, 0),
         Err(r) => r,
     })
 }
 
-/// `nvmlDeviceRegisterEvents`: no event type is supported.
+/// `nvmlDeviceRegisterEvents`: `NOT_SUPPORTED` when `types` asks for a type
+/// the GPU does not support (as NVML answers); registering again adds types.
 #[unsafe(no_mangle)]
 pub extern "C" fn nvmlDeviceRegisterEvents(
     device: sys::nvmlDevice_t,
-    _types: c_ulonglong,
+    types: c_ulonglong,
     set: sys::nvmlEventSet_t,
 ) -> Ret {
-    with(|m| match (m.target(device), Handle::of(set)) {
-        (Ok(_), Some(Handle::EventSet)) => NOT_SUPPORTED,
-        (Err(r), _) => r,
-        _ => INVALID_ARGUMENT,
+    let Some(Handle::EventSet(id)) = Handle::of(set) else {
+        return INVALID_ARGUMENT;
+    };
+    with(|m| {
+        let (gpu, supported) = match m.target(device) {
+            Ok(Target::Gpu(g)) => (g.info.index as usize, m.supported_event_types(g)),
+            Ok(Target::Mig(..)) => return NOT_SUPPORTED,
+            Err(r) => return r,
+        };
+        if supported == 0 || types & !supported != 0 {
+            return NOT_SUPPORTED;
+        }
+        match m.event_sets.get_mut(&id) {
+            Some(s) => {
+                *s.registered.entry(gpu).or_default() |= types;
+                SUCCESS
+            }
+            None => INVALID_ARGUMENT,
+        }
     })
 }
 
-/// `nvmlEventSetWait_v2`: waits the timeout, then `TIMEOUT`, as with no
-/// events.
+/// `nvmlEventSetWait_v2`: the next event of a registered GPU and type, or
+/// `GPU_IS_LOST` for a `lost` line; otherwise it polls the events file
+/// until the timeout and answers `TIMEOUT`. The lock is never held while
+/// sleeping, so other NVML calls go on meanwhile.
 #[unsafe(no_mangle)]
 pub extern "C" fn nvmlEventSetWait_v2(
     set: sys::nvmlEventSet_t,
-    _data: *mut sys::nvmlEventData_t,
+    data: *mut sys::nvmlEventData_t,
     timeout_ms: c_uint,
 ) -> Ret {
-    if Handle::of(set) != Some(Handle::EventSet) {
+    let Some(Handle::EventSet(id)) = Handle::of(set) else {
+        return INVALID_ARGUMENT;
+    };
+    if data.is_null() {
         return INVALID_ARGUMENT;
     }
-    if with(|_| SUCCESS) != SUCCESS {
-        return UNINITIALIZED;
+    let until = Instant::now() + Duration::from_millis(u64::from(timeout_ms));
+    loop {
+        let next = match lock().as_mut() {
+            Some(m) if m.inits > 0 => m.next_event(id),
+            _ => return UNINITIALIZED,
+        };
+        match next {
+            Ok(NextEvent::Event(event)) => return out(data, event),
+            Ok(NextEvent::Lost) => return GPU_IS_LOST,
+            Ok(NextEvent::Nothing) => {}
+            Err(r) => return r,
+        }
+        let now = Instant::now();
+        if now >= until {
+            return TIMEOUT;
+        }
+        std::thread::sleep(EVENT_POLL.min(until - now));
     }
-    std::thread::sleep(std::time::Duration::from_millis(u64::from(timeout_ms)));
-    TIMEOUT
 }
 
-/// `nvmlEventSetFree`.
+/// `nvmlEventSetFree`; a set already freed is an invalid argument.
 #[unsafe(no_mangle)]
 pub extern "C" fn nvmlEventSetFree(set: sys::nvmlEventSet_t) -> Ret {
-    match Handle::of(set) {
-        Some(Handle::EventSet) => with(|_| SUCCESS),
-        _ => INVALID_ARGUMENT,
-    }
+    let Some(Handle::EventSet(id)) = Handle::of(set) else {
+        return INVALID_ARGUMENT;
+    };
+    with(|m| match m.event_sets.remove(&id) {
+        Some(_) => SUCCESS,
+        None => INVALID_ARGUMENT,
+    })
 }
 
 #[cfg(test)]
@@ -1454,7 +1650,8 @@ mod tests {
                 gi: 5,
                 ci: 0,
             },
-            Handle::EventSet,
+            Handle::EventSet(1),
+            Handle::EventSet(EVENT_SET_ID_MASK as u64),
         ] {
             assert_eq!(Handle::of(h.ptr::<u8>()), Some(h));
         }

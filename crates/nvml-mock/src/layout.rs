@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use nvdra_gpu::GpuBackend;
 
-use crate::config::{CONFIG_FILE, MockConfig, profile_backend};
+use crate::config::{CONFIG_FILE, EVENTS_FILE, MockConfig, profile_backend};
 
 /// The file name cargo gives the built mock library.
 pub const BUILT_LIBRARY: &str = "libnvdra_nvml_mock.so";
@@ -25,6 +25,12 @@ pub fn built_library(exe: &Path) -> Option<PathBuf> {
         .flatten()
         .map(|d| d.join(BUILT_LIBRARY))
         .find(|p| p.is_file())
+}
+
+/// The events file of the mock node laid out in `driver_root` (see
+/// [`crate::config`] for its format).
+pub fn events_file(driver_root: &Path) -> PathBuf {
+    driver_root.join(LIBRARY_DIR).join(EVENTS_FILE)
 }
 
 /// Copies `library` into `driver_root` as `libnvidia-ml.so.1`, writes

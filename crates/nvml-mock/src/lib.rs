@@ -14,7 +14,13 @@
 //!   `nvmlShutdown` answer `NVML_ERROR_UNINITIALIZED`; init is counted;
 //! - what the profile does not model answers `NVML_ERROR_NOT_SUPPORTED`
 //!   (fabric and addressing mode when the profile has none, attributes of a
-//!   full GPU, compute instances smaller than their GPU instance, events);
+//!   full GPU, compute instances smaller than their GPU instance, events of
+//!   a GPU whose profile says `health_events: false`);
+//! - health events are lines appended to the events file beside the config
+//!   ([`config::EVENTS_FILE`]), delivered by `nvmlEventSetWait_v2` to each
+//!   event set that registered the line's GPU for its type, with the
+//!   `nvmlEventData_t` NVML would fill (`lost` is `NVML_ERROR_GPU_IS_LOST`);
+//!   GPUs support the critical-Xid and both ECC event types, nothing else;
 //!   functions nvdra never calls are not exported at all, which is how an
 //!   older driver looks to nvml-wrapper;
 //! - handles are opaque values encoding what they name (GPU, MIG device,

@@ -1,6 +1,7 @@
 //! The mock's C contract, called through the raw symbols (nvml-wrapper-sys'
 //! `NvmlLib`) the way any NVML client calls them: lifecycle, return codes,
-//! buffer sizes, stale handles, and the calls it answers `NOT_SUPPORTED`.
+//! buffer sizes, stale handles, the calls it answers `NOT_SUPPORTED`, and
+//! health events from the events file.
 
 // Calling a C library through its symbols is the point of this test.
 #![allow(unsafe_code)]
@@ -10,7 +11,8 @@
 use std::ffi::{CStr, c_char, c_uint};
 use std::path::PathBuf;
 
-use nvdra_nvml_mock::config::CONFIG_FILE;
+use nvdra_gpu::{HealthEvent, HealthEventKind};
+use nvdra_nvml_mock::config::{CONFIG_FILE, EVENTS_FILE, append_event};
 use nvdra_nvml_mock::layout::built_library;
 use nvml_wrapper_sys::bindings::{self as sys, NvmlLib};
 
@@ -23,6 +25,8 @@ const DRIVER_NOT_LOADED: u32 = sys::nvmlReturn_enum_NVML_ERROR_DRIVER_NOT_LOADED
 const TIMEOUT: u32 = sys::nvmlReturn_enum_NVML_ERROR_TIMEOUT;
 const IN_USE: u32 = sys::nvmlReturn_enum_NVML_ERROR_IN_USE;
 const INSUFFICIENT_RESOURCES: u32 = sys::nvmlReturn_enum_NVML_ERROR_INSUFFICIENT_RESOURCES;
+const INVALID_ARGUMENT: u32 = sys::nvmlReturn_enum_NVML_ERROR_INVALID_ARGUMENT;
+const GPU_IS_LOST: u32 = sys::nvmlReturn_enum_NVML_ERROR_GPU_IS_LOST;
 
 fn mock_library() -> PathBuf {
     built_library(&std::env::current_exe().unwrap())
@@ -78,7 +82,7 @@ fn a_missing_config_is_a_driver_not_loaded() {
 }
 
 #[test]
-fn buffers_unsupported_calls_and_events() {
+fn buffers_and_unsupported_calls() {
     let dir = tempfile::tempdir().unwrap();
     let nvml = load(&dir, Some("gb200-x4"));
     // SAFETY (all blocks below): as above; `device` and `set` are handles
@@ -111,12 +115,6 @@ fn buffers_unsupported_calls_and_events() {
             nvml.nvmlDeviceGetAttributes_v2(device, &mut attributes),
             NOT_SUPPORTED
         );
-        let mut set: sys::nvmlEventSet_t = std::ptr::null_mut();
-        assert_eq!(nvml.nvmlEventSetCreate(&mut set), SUCCESS);
-        assert_eq!(nvml.nvmlDeviceRegisterEvents(device, 8, set), NOT_SUPPORTED);
-        let mut data = std::mem::zeroed::<sys::nvmlEventData_t>();
-        assert_eq!(nvml.nvmlEventSetWait_v2(set, &mut data, 10), TIMEOUT);
-        assert_eq!(nvml.nvmlEventSetFree(set), SUCCESS);
 
         // A handle the mock never gave out.
         let mut minor: c_uint = 0;
@@ -208,6 +206,191 @@ fn instances_follow_the_driver_rules() {
             NOT_FOUND
         );
         assert_eq!(nvml.nvmlDeviceSetMigMode(device, 0, &mut status), SUCCESS);
+        assert_eq!(nvml.nvmlShutdown(), SUCCESS);
+    }
+}
+
+/// Appends `text` to `file` as is.
+fn append(file: &std::path::Path, text: &str) {
+    use std::io::Write;
+    std::fs::OpenOptions::new()
+        .append(true)
+        .open(file)
+        .and_then(|mut f| f.write_all(text.as_bytes()))
+        .unwrap();
+}
+
+/// The handle and UUID of GPU `index`.
+///
+/// # Safety
+///
+/// `nvml` is the initialised mock.
+unsafe fn gpu(nvml: &NvmlLib, index: c_uint) -> (sys::nvmlDevice_t, String) {
+    let mut device: sys::nvmlDevice_t = std::ptr::null_mut();
+    let mut uuid = [0 as c_char; 96];
+    // SAFETY: as above; every pointer is a live local.
+    unsafe {
+        assert_eq!(
+            nvml.nvmlDeviceGetHandleByIndex_v2(index, &mut device),
+            SUCCESS
+        );
+        assert_eq!(
+            nvml.nvmlDeviceGetUUID(device, uuid.as_mut_ptr(), 96),
+            SUCCESS
+        );
+        let uuid = CStr::from_ptr(uuid.as_ptr()).to_str().unwrap().to_owned();
+        (device, uuid)
+    }
+}
+
+const XID: u64 = sys::nvmlEventTypeXidCriticalError as u64;
+const DBE: u64 = sys::nvmlEventTypeDoubleBitEccError as u64;
+const SBE: u64 = sys::nvmlEventTypeSingleBitEccError as u64;
+const PSTATE: u64 = sys::nvmlEventTypePState as u64;
+const NO_INSTANCE: u32 = 0xFFFF_FFFF;
+
+#[test]
+fn events_follow_registrations_and_masks() {
+    let dir = tempfile::tempdir().unwrap();
+    let nvml = load(&dir, Some("a100-40gb-x8-mig"));
+    let events = dir.path().join(EVENTS_FILE);
+    let inject = |line: &str| {
+        append_event(&events, &line.parse::<HealthEvent>().unwrap()).unwrap();
+    };
+    // SAFETY (all blocks below): as above; devices and sets are handles the
+    // mock returned.
+    unsafe {
+        assert_eq!(nvml.nvmlInit_v2(), SUCCESS);
+        let (gpu0, uuid0) = gpu(&nvml, 0);
+        let (gpu1, uuid1) = gpu(&nvml, 1);
+        let mut types = 0;
+        assert_eq!(
+            nvml.nvmlDeviceGetSupportedEventTypes(gpu0, &mut types),
+            SUCCESS
+        );
+        assert_eq!(types, XID | DBE | SBE);
+
+        // An event written before the set exists never reaches it.
+        inject(&format!("{uuid0} xid 13"));
+        let mut set: sys::nvmlEventSet_t = std::ptr::null_mut();
+        assert_eq!(nvml.nvmlEventSetCreate(&mut set), SUCCESS);
+        assert_eq!(
+            nvml.nvmlDeviceRegisterEvents(gpu0, XID | PSTATE, set),
+            NOT_SUPPORTED,
+            "a type the GPU does not support"
+        );
+        assert_eq!(nvml.nvmlDeviceRegisterEvents(gpu0, DBE, set), SUCCESS);
+        assert_eq!(nvml.nvmlDeviceRegisterEvents(gpu1, XID, set), SUCCESS);
+        let mut data = std::mem::zeroed::<sys::nvmlEventData_t>();
+        assert_eq!(nvml.nvmlEventSetWait_v2(set, &mut data, 10), TIMEOUT);
+
+        // Masked out (GPU 0 registered DBE only), not registered (GPU 2),
+        // then one that matches.
+        inject(&format!("{uuid0} xid 79"));
+        let (_, uuid2) = gpu(&nvml, 2);
+        inject(&format!("{uuid2} dbe"));
+        inject(&format!("{uuid0} dbe"));
+        assert_eq!(nvml.nvmlEventSetWait_v2(set, &mut data, 1000), SUCCESS);
+        assert_eq!(
+            (
+                data.device,
+                data.eventType,
+                data.eventData,
+                data.gpuInstanceId,
+                data.computeInstanceId
+            ),
+            (gpu0, DBE, 0, NO_INSTANCE, NO_INSTANCE)
+        );
+
+        // A MIG device's event names its parent and its instances.
+        inject(&format!("{uuid1} gi 2 ci 0 xid 94"));
+        assert_eq!(nvml.nvmlEventSetWait_v2(set, &mut data, 1000), SUCCESS);
+        assert_eq!(
+            (
+                data.device,
+                data.eventType,
+                data.eventData,
+                data.gpuInstanceId,
+                data.computeInstanceId
+            ),
+            (gpu1, XID, 94, 2, 0)
+        );
+
+        // Lines arriving while the wait polls, the first in two writes;
+        // then a lost GPU.
+        let late = std::thread::spawn({
+            let events = events.clone();
+            move || {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                append(&events, &format!("{uuid1} xi"));
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                append(&events, "d 48\nlost\n");
+            }
+        });
+        assert_eq!(nvml.nvmlEventSetWait_v2(set, &mut data, 5000), SUCCESS);
+        assert_eq!((data.eventType, data.eventData), (XID, 48));
+        late.join().unwrap();
+        assert_eq!(nvml.nvmlEventSetWait_v2(set, &mut data, 1000), GPU_IS_LOST);
+        assert_eq!(nvml.nvmlEventSetWait_v2(set, &mut data, 10), TIMEOUT);
+        let lost = CStr::from_ptr(nvml.nvmlErrorString(GPU_IS_LOST));
+        assert_eq!(lost.to_str().unwrap(), "GPU is lost");
+
+        // A second set sees only what comes after it; a bad line is
+        // skipped; a freed set is gone.
+        let mut other: sys::nvmlEventSet_t = std::ptr::null_mut();
+        assert_eq!(nvml.nvmlEventSetCreate(&mut other), SUCCESS);
+        assert_ne!(other, set);
+        assert_eq!(nvml.nvmlDeviceRegisterEvents(gpu0, SBE, other), SUCCESS);
+        append(&events, &format!("not an event\n{uuid0} sbe\n"));
+        assert_eq!(nvml.nvmlEventSetWait_v2(other, &mut data, 1000), SUCCESS);
+        assert_eq!((data.device, data.eventType), (gpu0, SBE));
+        assert_eq!(nvml.nvmlEventSetWait_v2(set, &mut data, 10), TIMEOUT);
+        assert_eq!(nvml.nvmlEventSetFree(other), SUCCESS);
+        assert_eq!(nvml.nvmlEventSetFree(other), INVALID_ARGUMENT);
+        assert_eq!(
+            nvml.nvmlEventSetWait_v2(other, &mut data, 10),
+            INVALID_ARGUMENT
+        );
+        assert_eq!(nvml.nvmlEventSetFree(set), SUCCESS);
+        assert_eq!(nvml.nvmlShutdown(), SUCCESS);
+        assert_eq!(nvml.nvmlEventSetWait_v2(set, &mut data, 10), UNINITIALIZED);
+    }
+}
+
+#[test]
+fn a_gpu_without_health_events_refuses_registration() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut profile = nvdra_gpu::FakeProfile::uniform(nvdra_gpu::GpuModel::L4, 2);
+    profile.gpus[1].health_events = false;
+    std::fs::write(
+        dir.path().join("profile.yaml"),
+        serde_saphyr::to_string(&profile).unwrap(),
+    )
+    .unwrap();
+    let nvml = load(&dir, Some("profile.yaml"));
+    // SAFETY (all blocks below): as above.
+    unsafe {
+        assert_eq!(nvml.nvmlInit_v2(), SUCCESS);
+        let (gpu0, _) = gpu(&nvml, 0);
+        let (gpu1, uuid1) = gpu(&nvml, 1);
+        let mut types = 0;
+        assert_eq!(
+            nvml.nvmlDeviceGetSupportedEventTypes(gpu1, &mut types),
+            SUCCESS
+        );
+        assert_eq!(types, 0);
+        let mut set: sys::nvmlEventSet_t = std::ptr::null_mut();
+        assert_eq!(nvml.nvmlEventSetCreate(&mut set), SUCCESS);
+        assert_eq!(nvml.nvmlDeviceRegisterEvents(gpu1, XID, set), NOT_SUPPORTED);
+        assert_eq!(nvml.nvmlDeviceRegisterEvents(gpu0, XID, set), SUCCESS);
+        append_event(
+            &dir.path().join(EVENTS_FILE),
+            &HealthEvent::gpu(uuid1, HealthEventKind::Xid(79)),
+        )
+        .unwrap();
+        let mut data = std::mem::zeroed::<sys::nvmlEventData_t>();
+        assert_eq!(nvml.nvmlEventSetWait_v2(set, &mut data, 30), TIMEOUT);
+        assert_eq!(nvml.nvmlEventSetFree(set), SUCCESS);
         assert_eq!(nvml.nvmlShutdown(), SUCCESS);
     }
 }

@@ -9,19 +9,22 @@
 //! `usr/lib64/libnvidia-ml.so.1`, with its config, a sysfs tree giving the
 //! profile's PCIe roots, and a procfs root the mock keeps MIG capability
 //! files in. The NVML backend finds it by its normal driver-root discovery.
+//! Health events go to the fake backend by injection and to the mock
+//! through its events file.
 
 // Test set-up helpers panic on failure, as the tests do.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use nvdra_gpu::fake::BUILTIN_PROFILES;
 use nvdra_gpu::{
-    FakeBackend, GpuBackend, GpuInfo, Inventory, MigDeviceInfo, NvmlBackend, NvmlOptions,
-    conformance,
+    FakeBackend, GpuBackend, GpuInfo, HealthEvent, HealthEventKind, HealthWatch, Inventory,
+    MigDeviceInfo, NvmlBackend, NvmlOptions, conformance,
 };
-use nvdra_nvml_mock::config::MockConfig;
-use nvdra_nvml_mock::layout::{built_library, install};
+use nvdra_nvml_mock::config::{MockConfig, append_event};
+use nvdra_nvml_mock::layout::{built_library, events_file, install};
 use pretty_assertions::assert_eq;
 
 /// The cdylib cargo built next to this test binary.
@@ -55,6 +58,11 @@ impl MockRoot {
         )
         .unwrap();
         Self { dir }
+    }
+
+    /// Appends `event` to the mock's events file.
+    fn inject(&self, event: &HealthEvent) {
+        append_event(&events_file(self.dir.path()), event).unwrap();
     }
 
     fn library(&self) -> PathBuf {
@@ -350,5 +358,201 @@ fn created_devices_survive_a_new_process_through_the_state_file() {
     assert_eq!(
         third.open().inventory().unwrap(),
         fake("h100-sxm-80gb-x8").inventory().unwrap()
+    );
+}
+
+/// Long enough for any event that is on its way; only reached on failure.
+const EVENT_WAIT: Duration = Duration::from_secs(10);
+
+/// Injects `events` into both backends and checks that both watches deliver
+/// exactly `expected`, in order, and then nothing.
+fn assert_same_health(
+    what: &str,
+    (fake, fake_watch): (&FakeBackend, &HealthWatch),
+    (root, nvml_watch): (&MockRoot, &HealthWatch),
+    events: &[HealthEvent],
+    expected: &[HealthEvent],
+) {
+    for event in events {
+        fake.inject_health_event(event.clone());
+        root.inject(event);
+    }
+    for (k, want) in expected.iter().enumerate() {
+        let got = same(
+            &format!("{what}: event {k}"),
+            fake_watch.wait(EVENT_WAIT),
+            nvml_watch.wait(EVENT_WAIT),
+        );
+        assert_eq!(got, Ok(Some(want.clone())), "{what}: event {k}");
+    }
+    let quiet = Duration::from_millis(50);
+    let rest = same(
+        &format!("{what}: after the events"),
+        fake_watch.wait(quiet),
+        nvml_watch.wait(quiet),
+    );
+    assert_eq!(rest, Ok(None), "{what}");
+}
+
+#[test]
+fn health_events_arrive_identically() {
+    let mut saw_mig = false;
+    for (name, _) in BUILTIN_PROFILES {
+        let fake = fake(name);
+        let root = MockRoot::new(name);
+        let nvml = root.open();
+        let gpus = fake.gpus().unwrap();
+        // The last GPU is not watched: its events reach neither watch.
+        let (watched, [last]) = gpus.split_at(gpus.len() - 1) else {
+            unreachable!("split_at leaves one GPU")
+        };
+        assert!(!watched.is_empty(), "{name} needs two GPUs");
+        let fake_watch = fake.watch_health(watched).unwrap();
+        let nvml_watch = nvml.watch_health(watched).unwrap();
+        assert_eq!(nvml_watch.unmonitored(), fake_watch.unmonitored(), "{name}");
+        assert!(fake_watch.unmonitored().is_empty(), "{name}");
+
+        let on = |gpu: &GpuInfo, kind| HealthEvent::gpu(gpu.uuid.clone(), kind);
+        let first = &watched[0];
+        let second = &watched[watched.len() - 1];
+        let mut events = vec![
+            on(last, HealthEventKind::Xid(31)),
+            on(first, HealthEventKind::Xid(79)),
+            on(second, HealthEventKind::DoubleBitEcc),
+            on(first, HealthEventKind::SingleBitEcc),
+        ];
+        // A MIG device's event: an existing device where the profile has
+        // one, else GI 1 / CI 0 of a MIG-capable GPU.
+        let mig = watched.iter().find(|g| g.mig_capable).map(|gpu| {
+            let (gi, ci) = fake
+                .mig_devices(gpu)
+                .unwrap()
+                .first()
+                .map_or((1, 0), |m| (m.gi_id, m.ci_id));
+            HealthEvent {
+                gpu_uuid: gpu.uuid.clone(),
+                gi_id: Some(gi),
+                ci_id: Some(ci),
+                kind: HealthEventKind::Xid(94),
+            }
+        });
+        saw_mig |= mig.is_some();
+        events.extend(mig);
+        events.push(HealthEvent::gpu_lost());
+        let expected = &events[1..];
+        assert_same_health(
+            name,
+            (&fake, &fake_watch),
+            (&root, &nvml_watch),
+            &events,
+            expected,
+        );
+    }
+    assert!(saw_mig, "some built-in profile is MIG capable");
+}
+
+#[test]
+fn unmonitored_gpus_are_the_same() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut profile = nvdra_gpu::FakeProfile::uniform(nvdra_gpu::GpuModel::H100Sxm5_80gb, 3);
+    profile.gpus[1].health_events = false;
+    let path = dir.path().join("profile.yaml");
+    std::fs::write(&path, serde_saphyr::to_string(&profile).unwrap()).unwrap();
+    let profile_path = path.to_str().unwrap();
+    let fake = FakeBackend::from_file(&path).unwrap();
+    let root = MockRoot::new(profile_path);
+    let nvml = root.open();
+    let gpus = fake.gpus().unwrap();
+    let fake_watch = fake.watch_health(&gpus).unwrap();
+    let nvml_watch = nvml.watch_health(&gpus).unwrap();
+    assert_eq!(fake_watch.unmonitored(), [gpus[1].uuid.clone()]);
+    assert_eq!(nvml_watch.unmonitored(), fake_watch.unmonitored());
+
+    let xid = |gpu: &GpuInfo| HealthEvent::gpu(gpu.uuid.clone(), HealthEventKind::Xid(48));
+    assert_same_health(
+        "unmonitored GPU 1",
+        (&fake, &fake_watch),
+        (&root, &nvml_watch),
+        &[xid(&gpus[1]), xid(&gpus[2]), HealthEvent::gpu_lost()],
+        &[xid(&gpus[2]), HealthEvent::gpu_lost()],
+    );
+
+    // A GPU neither backend has is refused alike.
+    let mut stranger = gpus[0].clone();
+    stranger.uuid = "GPU-00000000-0000-4000-8000-0000000000ff".into();
+    same(
+        "unknown GPU",
+        fake.watch_health(std::slice::from_ref(&stranger))
+            .map(|w| w.unmonitored().to_vec()),
+        nvml.watch_health(std::slice::from_ref(&stranger))
+            .map(|w| w.unmonitored().to_vec()),
+    )
+    .unwrap_err();
+}
+
+/// Every watch gets every event that comes after it starts, and only those.
+#[test]
+fn each_watch_sees_the_events_after_it_started() {
+    let name = "l4-x2";
+    let fake = fake(name);
+    let root = MockRoot::new(name);
+    let nvml = root.open();
+    let gpus = fake.gpus().unwrap();
+    let early = (
+        fake.watch_health(&gpus).unwrap(),
+        nvml.watch_health(&gpus).unwrap(),
+    );
+    let sbe = HealthEvent::gpu(gpus[0].uuid.clone(), HealthEventKind::SingleBitEcc);
+    let dbe = HealthEvent::gpu(gpus[1].uuid.clone(), HealthEventKind::DoubleBitEcc);
+    fake.inject_health_event(sbe.clone());
+    root.inject(&sbe);
+    // Both watches have taken it in before the second watch starts.
+    let first = same(
+        "early, 1",
+        early.0.wait(EVENT_WAIT),
+        early.1.wait(EVENT_WAIT),
+    );
+    assert_eq!(first, Ok(Some(sbe)));
+    let late = (
+        fake.watch_health(&gpus).unwrap(),
+        nvml.watch_health(&gpus).unwrap(),
+    );
+    fake.inject_health_event(dbe.clone());
+    root.inject(&dbe);
+    for (what, (f, n)) in [("early, 2", &early), ("late", &late)] {
+        let got = same(what, f.wait(EVENT_WAIT), n.wait(EVENT_WAIT));
+        assert_eq!(got, Ok(Some(dbe.clone())), "{what}");
+    }
+}
+
+/// Waiting for events keeps neither the NVML backend's other calls waiting
+/// nor the waiter past its timeout.
+#[test]
+fn waiting_for_health_does_not_stall_the_backend() {
+    let root = MockRoot::new("h100-sxm-80gb-x8");
+    let nvml = std::sync::Arc::new(root.open());
+    let gpus = nvml.gpus().unwrap();
+    let watch = nvml.watch_health(&gpus).unwrap();
+    let waiter = std::thread::spawn(move || {
+        let t0 = Instant::now();
+        let got = watch.wait(Duration::from_millis(1500)).unwrap();
+        (got, t0.elapsed())
+    });
+    // Let the waiter get into its NVML wait.
+    std::thread::sleep(Duration::from_millis(200));
+    let t0 = Instant::now();
+    assert_eq!(nvml.gpus().unwrap(), gpus);
+    nvml.set_compute_mode(&gpus[0], nvdra_gpu::ComputeMode::Default)
+        .unwrap();
+    assert!(
+        t0.elapsed() < Duration::from_millis(700),
+        "calls waited {:?} for the health wait",
+        t0.elapsed()
+    );
+    let (got, waited) = waiter.join().unwrap();
+    assert_eq!(got, None);
+    assert!(
+        waited >= Duration::from_millis(1500) && waited < Duration::from_secs(5),
+        "{waited:?}"
     );
 }

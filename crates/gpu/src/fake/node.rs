@@ -24,12 +24,22 @@
 //!
 //! MIG device UUIDs of created devices are derived from the parent's UUID
 //! and a per-node creation counter, so runs are reproducible.
+//!
+//! Health events: the node keeps every event injected into it in an
+//! append-only log ([`FakeNode::inject_health_event`]); each watch (a
+//! `FakeBackend` health watch, or an event set of the mock library) reads it
+//! from its own cursor, so every watch sees every event that came after it
+//! started, as every NVML event set does. The log lives only in memory (it
+//! is not part of the state file) and grows by one entry per event, which a
+//! simulation can afford. GPUs whose profile says `health_events: false`
+//! support no event type, so a watch leaves them unmonitored.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
 use crate::backend::{GpuInventory, Inventory};
+use crate::health::HealthEvent;
 use crate::mig::{MigDeviceInfo, MigPlacement, MigProfile, MigRefusal};
 use crate::sharing::{ComputeMode, TimeSlice};
 
@@ -79,6 +89,12 @@ pub struct FakeNode {
     /// Time slices other than the default, by GPU UUID.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub time_slices: BTreeMap<String, TimeSlice>,
+    /// UUIDs of GPUs that support no health event type.
+    #[serde(default, skip_serializing_if = "BTreeSet::is_empty")]
+    pub without_health_events: BTreeSet<String>,
+    /// Every health event injected so far, oldest first; process-local.
+    #[serde(skip)]
+    pub health_events: Vec<HealthEvent>,
 }
 
 impl FakeNode {
@@ -90,7 +106,29 @@ impl FakeNode {
             created: 0,
             compute_modes: BTreeMap::new(),
             time_slices: BTreeMap::new(),
+            without_health_events: BTreeSet::new(),
+            health_events: Vec::new(),
         }
+    }
+
+    /// Whether the GPU with `uuid` reports health events.
+    pub fn health_events_supported(&self, uuid: &str) -> bool {
+        !self.without_health_events.contains(uuid)
+    }
+
+    /// Records whether the GPU with `uuid` reports health events.
+    pub fn set_health_events_supported(&mut self, uuid: &str, supported: bool) {
+        if supported {
+            self.without_health_events.remove(uuid);
+        } else {
+            self.without_health_events.insert(uuid.to_owned());
+        }
+    }
+
+    /// Appends `event` to the health-event log, as NVML would deliver it
+    /// ([`HealthEvent::normalized`]).
+    pub fn inject_health_event(&mut self, event: HealthEvent) {
+        self.health_events.push(event.normalized());
     }
 
     /// The compute mode of the GPU with `uuid`.

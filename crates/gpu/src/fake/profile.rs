@@ -20,7 +20,9 @@
 //! ```
 //!
 //! An optional `imex_channel_count` (default 2048) sets the IMEX channels the
-//! simulated driver offers.
+//! simulated driver offers. A GPU with `health_events: false` supports no
+//! health event type (an old GPU, or one NVML refuses to register), so
+//! health watches leave it unmonitored; the default is `true`.
 //!
 //! Invariants enforced by [`FakeProfile::resolve`], each failure reported as
 //! [`Error::InvalidProfile`] naming the origin and the field path:
@@ -35,6 +37,7 @@ use std::collections::HashMap;
 use serde::{Deserialize, Serialize};
 
 use super::models::GpuModel;
+use super::node::FakeNode;
 use crate::Error;
 use crate::backend::{GpuInventory, Inventory};
 use crate::device::{
@@ -105,6 +108,17 @@ pub struct FakeGpu {
     /// Addressing mode, overriding the profile's.
     #[serde(default)]
     pub addressing_mode: Option<AddressingMode>,
+    /// Whether the GPU reports health events (critical Xids, ECC errors).
+    #[serde(default = "yes", skip_serializing_if = "is_yes")]
+    pub health_events: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn is_yes(value: &bool) -> bool {
+    *value
 }
 
 /// One existing MIG device of a fake GPU; everything else about it follows
@@ -158,6 +172,7 @@ impl FakeProfile {
                     mig_devices: Vec::new(),
                     fabric: None,
                     addressing_mode: None,
+                    health_events: true,
                 })
                 .collect(),
             imex_channel_count: None,
@@ -176,6 +191,17 @@ impl FakeProfile {
             origin: origin.to_owned(),
             source: Box::new(source),
         })
+    }
+
+    /// Validates the profile and expands it into the node the fake backend
+    /// serves: [`FakeProfile::resolve`]'s inventory plus what the profile
+    /// says beyond it (which GPUs lack health events).
+    pub fn node(&self, origin: &str) -> Result<FakeNode, Error> {
+        let mut node = FakeNode::new(self.resolve(origin)?);
+        for gpu in self.gpus.iter().filter(|g| !g.health_events) {
+            node.set_health_events_supported(&gpu.uuid, false);
+        }
+        Ok(node)
     }
 
     /// Validates the profile and expands it into the inventory the fake

@@ -10,6 +10,10 @@
 //! version never sets the length of the vector it returns, so it always
 //! answers "no placements"), and the MIG changes: GPU-instance creation
 //! with a placement, compute-instance creation, and both destructions.
+//! Health events use the raw event-set calls too: nvml-wrapper's
+//! `register_events` frees the whole set when one GPU's registration fails
+//! (upstream goes on with the other GPUs), and its `EventData` drops the
+//! GPU- and compute-instance IDs that name a MIG device.
 //!
 //! Invariants every unsafe block relies on:
 //! - symbols come from `Nvml::lib()`, resolved by libloading against the
@@ -18,7 +22,9 @@
 //!   that keeps the library loaded and initialised;
 //! - every out-parameter is a valid, initialised, exclusively borrowed local
 //!   that outlives the call, and versioned structs carry the
-//!   `NVML_STRUCT_VERSION` NVML expects for their layout.
+//!   `NVML_STRUCT_VERSION` NVML expects for their layout;
+//! - an event-set handle is used only between its `nvmlEventSetCreate` and
+//!   its one `nvmlEventSetFree`, with the `Nvml` that created it.
 //!
 //! Failure modes: a symbol missing from an older driver is `Ok(None)` for the
 //! optional queries (fabric, addressing mode) and
@@ -30,8 +36,8 @@
 
 use std::os::raw::c_uint;
 
-use nvml_wrapper::Device;
 use nvml_wrapper::error::{NvmlError, nvml_sym, nvml_try};
+use nvml_wrapper::{Device, Nvml};
 use nvml_wrapper_sys::bindings as sys;
 
 /// `NVML_STRUCT_VERSION(type, version)`: the struct size tagged with the
@@ -330,4 +336,100 @@ pub(super) fn destroy_gpu_instance(device: &Device<'_>, gi_id: u32) -> Result<()
     let gi = gpu_instance_handle(device, gi_id)?;
     // SAFETY: `gi` was just returned by NVML; it is not used afterwards.
     nvml_try(unsafe { destroy(gi) })
+}
+
+/// `nvmlEventSetCreate`. The caller owns the set and must free it with
+/// [`free_event_set`] while `nvml` is alive.
+pub(super) fn create_event_set(nvml: &Nvml) -> Result<sys::nvmlEventSet_t, NvmlError> {
+    let create = nvml_sym(nvml.lib().nvmlEventSetCreate.as_ref())?;
+    let mut set: sys::nvmlEventSet_t = std::ptr::null_mut();
+    // SAFETY: bindgen signature; `set` is a valid out-pointer.
+    let ret = unsafe { create(&mut set) };
+    nvml_try(ret).map(|()| set)
+}
+
+/// `nvmlEventSetFree`.
+pub(super) fn free_event_set(nvml: &Nvml, set: sys::nvmlEventSet_t) -> Result<(), NvmlError> {
+    let free = nvml_sym(nvml.lib().nvmlEventSetFree.as_ref())?;
+    // SAFETY: `set` came from `create_event_set` on this `nvml` and, by that
+    // function's contract, is freed only here, once.
+    nvml_try(unsafe { free(set) })
+}
+
+/// `nvmlDeviceGetSupportedEventTypes`, all bits (nvml-wrapper's typed
+/// version drops the ones it has no name for).
+pub(super) fn supported_event_types(device: &Device<'_>) -> Result<u64, NvmlError> {
+    let sym = nvml_sym(
+        device
+            .nvml()
+            .lib()
+            .nvmlDeviceGetSupportedEventTypes
+            .as_ref(),
+    )?;
+    let mut types: std::os::raw::c_ulonglong = 0;
+    // SAFETY: bindgen signature; live handle; `types` is a valid out-pointer.
+    let ret = unsafe { sym(handle(device), &mut types) };
+    nvml_try(ret).map(|()| types)
+}
+
+/// `nvmlDeviceRegisterEvents`: adds `device`'s `types` to `set`. A failure
+/// leaves the set usable for the other GPUs (NVML's `UNKNOWN` answer aside,
+/// after which NVML calls the set undefined; the caller then fails the
+/// whole watch).
+pub(super) fn register_events(
+    device: &Device<'_>,
+    types: u64,
+    set: sys::nvmlEventSet_t,
+) -> Result<(), NvmlError> {
+    let sym = nvml_sym(device.nvml().lib().nvmlDeviceRegisterEvents.as_ref())?;
+    // SAFETY: bindgen signature; live handle; `set` is a live event set of
+    // the same `Nvml` (see `create_event_set`).
+    nvml_try(unsafe { sym(handle(device), types, set) })
+}
+
+/// One event as `nvmlEventSetWait_v2` delivers it.
+#[derive(Debug)]
+pub(super) struct RawEvent {
+    /// The UUID of the event's device (the full GPU), or why it could not
+    /// be read.
+    pub uuid: Result<String, NvmlError>,
+    pub event_type: u64,
+    pub event_data: u64,
+    pub gpu_instance_id: u32,
+    pub compute_instance_id: u32,
+}
+
+/// `nvmlEventSetWait_v2` on `set` for at most `timeout_ms`, then
+/// `nvmlDeviceGetUUID` of the event's device.
+pub(super) fn wait_event(
+    nvml: &Nvml,
+    set: sys::nvmlEventSet_t,
+    timeout_ms: u32,
+) -> Result<RawEvent, NvmlError> {
+    let wait = nvml_sym(nvml.lib().nvmlEventSetWait_v2.as_ref())?;
+    let mut data = sys::nvmlEventData_t {
+        device: std::ptr::null_mut(),
+        eventType: 0,
+        eventData: 0,
+        gpuInstanceId: 0,
+        computeInstanceId: 0,
+    };
+    // SAFETY: bindgen signature; `set` is a live event set of `nvml`;
+    // `data` is a valid out-parameter of the layout this symbol writes.
+    let ret = unsafe { wait(set, &mut data, timeout_ms) };
+    nvml_try(ret)?;
+    let uuid = if data.device.is_null() {
+        Err(NvmlError::InvalidArg)
+    } else {
+        // SAFETY: NVML filled `data.device` with the handle of a device of
+        // this initialised `nvml`; the `Device` lives only for this call.
+        unsafe { Device::new(data.device, nvml) }.uuid()
+    };
+    Ok(RawEvent {
+        uuid,
+        event_type: data.eventType,
+        event_data: data.eventData,
+        gpu_instance_id: data.gpuInstanceId,
+        compute_instance_id: data.computeInstanceId,
+    })
 }
