@@ -34,4 +34,5 @@
 pub mod config;
 mod exports;
 pub mod layout;
+pub mod pci;
 pub mod procfs;
