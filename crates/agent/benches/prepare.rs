@@ -313,6 +313,7 @@ async fn measure_startup() -> (Duration, Vec<Duration>) {
         boot_id: BOOT_ID.into(),
         metrics: Metrics::new(&registry, DRIVER, NODE).unwrap(),
         mps: None,
+        vfio: None,
     })
     .unwrap();
     let driver = Arc::new(driver);

@@ -2,7 +2,7 @@
 //! layer's [`Inventory`] to the `resource.k8s.io/v1` [`Device`]s we publish, and the lookup the
 //! prepare path uses to find the hardware behind an allocated device name.
 //!
-//! Which devices appear (upstream's rules; no VFIO yet), statically partitioned:
+//! Which devices appear (upstream's rules), statically partitioned:
 //! - a GPU with MIG disabled is offered whole, as `gpu-<minor>`;
 //! - a GPU with MIG enabled is never offered whole; each of its existing MIG devices is offered
 //!   as `gpu-<parentMinor>-mig-<profile>-<giProfileId>-<placementStart>`. MIG enabled without
@@ -13,6 +13,12 @@
 //! that share its counters ([`partitions`]), plus the whole GPU on Hopper and later; see
 //! [`Partitioning`] for which GPUs. [`publish`] attaches each device's counter consumption and
 //! emits the counter sets.
+//!
+//! With PassthroughSupport ([`vfio_devices`]), every NVIDIA PCI GPU without MIG enabled is
+//! also offered for passthrough as `gpu-vfio-<n>` (`n` its position in PCI address order),
+//! sibling of its `gpu-<minor>`. A GPU that sysfs shows bound to `vfio-pci` is not offered as
+//! `gpu-<minor>` (NVML may still list it). Which sibling is hidden while the other is held is
+//! the driver's business (it knows the claims).
 //!
 //! Attributes and capacities are exactly upstream's sets (computed by
 //! [`nvdra_gpu::attributes`]); this module only maps them onto the Kubernetes types. Capacities
@@ -45,7 +51,7 @@ pub enum DeviceType {
     Gpu,
     /// A MIG device (`mig`).
     Mig,
-    /// A GPU bound to `vfio-pci` for passthrough (`vfio`); not offered by this module yet.
+    /// A GPU bound to `vfio-pci` for passthrough (`vfio`).
     Vfio,
 }
 
@@ -84,6 +90,34 @@ pub enum AllocatableDevice {
     /// A MIG device that Prepare creates (DynamicMIG): a profile at a
     /// placement.
     Partition(partitions::Partition),
+    /// A whole GPU for passthrough (PassthroughSupport); Prepare binds it
+    /// to `vfio-pci`.
+    Vfio(VfioDevice),
+}
+
+/// A GPU offered for passthrough.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct VfioDevice {
+    /// Its position among the node's NVIDIA PCI GPUs, in address order.
+    pub index: u32,
+    /// The PCI device.
+    pub pci: nvdra_gpu::vfio::PciGpu,
+    /// Its name-based UUID (upstream's `uuid` attribute).
+    pub uuid: String,
+    /// The GPU as NVML saw it; `None` when it was not on the nvidia driver
+    /// when the agent started.
+    pub gpu: Option<GpuInfo>,
+    /// Its PCIe root, when sysfs says.
+    pub pcie_root: Option<String>,
+    /// Whether iommufd is available for it.
+    pub iommufd: bool,
+}
+
+impl VfioDevice {
+    /// The published name, `gpu-vfio-<index>`.
+    pub fn name(&self) -> String {
+        format!("gpu-vfio-{}", self.index)
+    }
 }
 
 impl AllocatableDevice {
@@ -93,6 +127,7 @@ impl AllocatableDevice {
             Self::Gpu { info } => gpu_device_name(info.minor),
             Self::Mig { mig, .. } => mig.device_name(),
             Self::Partition(p) => p.name(),
+            Self::Vfio(v) => v.name(),
         }
     }
 
@@ -101,25 +136,39 @@ impl AllocatableDevice {
         match self {
             Self::Gpu { .. } => DeviceType::Gpu,
             Self::Mig { .. } | Self::Partition(_) => DeviceType::Mig,
+            Self::Vfio(_) => DeviceType::Vfio,
         }
     }
 
-    /// The device's own UUID (`GPU-…` or `MIG-…`); a partition has none
-    /// until it is created, and answers with its GPU's.
+    /// The device's own UUID (`GPU-…` or `MIG-…`, a VFIO device's
+    /// name-based one); a partition has none until it is created, and
+    /// answers with its GPU's.
     pub fn uuid(&self) -> &str {
         match self {
             Self::Gpu { info } => &info.uuid,
             Self::Mig { mig, .. } => &mig.uuid,
             Self::Partition(p) => &p.parent.uuid,
+            Self::Vfio(v) => &v.uuid,
         }
     }
 
-    /// The physical GPU: the device itself, or a MIG device's parent.
-    pub fn physical_gpu(&self) -> &GpuInfo {
+    /// The physical GPU as NVML knows it: the device itself, a MIG device's
+    /// parent, or a VFIO device's GPU when NVML saw it.
+    pub fn physical_gpu(&self) -> Option<&GpuInfo> {
         match self {
-            Self::Gpu { info } => info,
-            Self::Mig { parent, .. } => parent,
-            Self::Partition(p) => &p.parent,
+            Self::Gpu { info } => Some(info),
+            Self::Mig { parent, .. } => Some(parent),
+            Self::Partition(p) => Some(&p.parent),
+            Self::Vfio(v) => v.gpu.as_ref(),
+        }
+    }
+
+    /// The PCI address of the physical GPU.
+    pub fn pci_bus_id(&self) -> &str {
+        match self {
+            Self::Vfio(v) => &v.pci.bdf,
+            Self::Gpu { info } | Self::Mig { parent: info, .. } => &info.pci_bus_id,
+            Self::Partition(p) => &p.parent.pci_bus_id,
         }
     }
 
@@ -131,6 +180,12 @@ impl AllocatableDevice {
             Self::Partition(p) => {
                 attributes::partition_attributes(driver, &p.parent, &p.profile.name)
             }
+            Self::Vfio(v) => attributes::vfio_attributes(&attributes::VfioFacts {
+                pci: &v.pci,
+                product_name: v.gpu.as_ref().map(|g| g.product_name.as_str()),
+                pcie_root: v.pcie_root.as_deref(),
+                iommufd: v.iommufd,
+            }),
         }
     }
 
@@ -140,6 +195,9 @@ impl AllocatableDevice {
             Self::Gpu { info } => attributes::gpu_capacities(info),
             Self::Mig { mig, .. } => attributes::mig_capacities(mig),
             Self::Partition(p) => attributes::partition_capacities(&p.profile.capacities),
+            Self::Vfio(v) => {
+                attributes::vfio_capacities(v.gpu.as_ref().and_then(|g| g.memory_bytes))
+            }
         }
     }
 
@@ -245,6 +303,53 @@ pub fn allocatable_index_with(
     index
 }
 
+/// The passthrough devices of a node: one per NVIDIA PCI GPU in `pci`
+/// (address order), except GPUs NVML lists with MIG enabled. `gpus` is
+/// NVML's view, matched by PCI address.
+pub fn vfio_devices(
+    pci: &[nvdra_gpu::vfio::PciGpu],
+    gpus: &[GpuInventory],
+    pcie_root: impl Fn(&str) -> Option<String>,
+    iommufd: impl Fn(&str) -> bool,
+) -> Vec<VfioDevice> {
+    pci.iter()
+        .zip(0u32..)
+        .filter_map(|(pci, index)| {
+            let gpu = gpus
+                .iter()
+                .find(|g| g.info.pci_bus_id == pci.bdf)
+                .map(|g| g.info.clone());
+            if gpu.as_ref().is_some_and(|g| g.mig_enabled) {
+                return None;
+            }
+            Some(VfioDevice {
+                index,
+                uuid: nvdra_gpu::vfio::vfio_uuid(&pci.bdf),
+                pcie_root: gpu
+                    .as_ref()
+                    .and_then(|g| g.pcie_root.clone())
+                    .or_else(|| pcie_root(&pci.bdf)),
+                iommufd: iommufd(&pci.bdf),
+                pci: pci.clone(),
+                gpu,
+            })
+        })
+        .collect()
+}
+
+/// Adds `vfio` to `index`, and removes the full GPUs sysfs shows bound to
+/// `vfio-pci` (they cannot be used as GPUs until bound back).
+pub fn add_vfio_devices(index: &mut BTreeMap<String, AllocatableDevice>, vfio: Vec<VfioDevice>) {
+    for device in vfio {
+        if device.pci.driver == nvdra_gpu::vfio::PciDriver::VfioPci {
+            index.retain(|_, d| {
+                !(matches!(d, AllocatableDevice::Gpu { .. }) && d.pci_bus_id() == device.pci.bdf)
+            });
+        }
+        index.insert(device.name(), AllocatableDevice::Vfio(device));
+    }
+}
+
 /// The devices to publish for this node, sorted by name (the scheduler allocates first-fit).
 pub fn node_devices(inventory: &Inventory) -> Vec<Device> {
     publish(
@@ -287,7 +392,7 @@ pub fn publish(
                     }
                     partitions::consumption(info.minor, all)
                 }),
-                AllocatableDevice::Mig { .. } => None,
+                AllocatableDevice::Mig { .. } | AllocatableDevice::Vfio(_) => None,
             };
             published.consumes_counters = consumes.map(|c| vec![c]);
             published

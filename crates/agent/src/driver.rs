@@ -59,7 +59,7 @@ use std::time::Instant;
 use k8s_openapi::api::resource::v1::{Device, DeviceRequestAllocationResult};
 use nvdra_gpu::GpuBackend;
 use nvdra_kubelet_plugin::error::error_chain;
-use nvdra_kubelet_plugin::resourceslice::NodeResources;
+use nvdra_kubelet_plugin::resourceslice::{NodeResources, Publisher};
 use nvdra_kubelet_plugin::{
     ClaimError, ClaimRef, DraDriver, PrepareClaim, PrepareResults, UnprepareResults,
 };
@@ -77,6 +77,7 @@ pub(crate) mod ledger;
 pub mod prepare;
 pub(crate) mod sharing;
 mod unprepare;
+pub mod vfio;
 
 pub(crate) use ledger::Ledger;
 pub use prepare::PrepareError;
@@ -109,6 +110,9 @@ pub enum Error {
     /// The checkpoint could not be read.
     #[error("cannot load the checkpoint")]
     LoadCheckpoint(#[source] checkpoint::Error),
+    /// The node's PCI GPUs could not be listed (PassthroughSupport).
+    #[error("cannot list the node's NVIDIA PCI devices")]
+    ScanPci(#[source] nvdra_gpu::Error),
     /// The checkpoint could not be written back after loading or rollback.
     #[error("cannot write the checkpoint")]
     WriteCheckpoint(#[source] checkpoint::Error),
@@ -135,6 +139,9 @@ pub struct GpuDriverConfig {
     /// The MPS control daemons; `None` unless the `MPSSupport` gate is on
     /// and the driver root has the daemon.
     pub mps: Option<Arc<MpsDaemons>>,
+    /// The host's kernel interfaces for passthrough; `None` unless the
+    /// `PassthroughSupport` gate is on.
+    pub vfio: Option<vfio::VfioHost>,
 }
 
 /// What [`GpuDriver::start`] found and repaired.
@@ -179,6 +186,9 @@ pub(crate) struct Shared {
     gates: nvdra_api::FeatureGates,
     metrics: Metrics,
     mps: Option<Arc<MpsDaemons>>,
+    vfio: Option<vfio::VfioHost>,
+    siblings: BTreeMap<String, String>,
+    publisher: OnceLock<Publisher>,
     devices: BTreeMap<String, AllocatableDevice>,
     published: Vec<Device>,
     counter_sets: Vec<k8s_openapi::api::resource::v1::CounterSet>,
@@ -216,6 +226,7 @@ impl GpuDriver {
             boot_id,
             metrics,
             mps,
+            vfio,
         } = config;
 
         std::fs::create_dir_all(&plugin_data_dir).map_err(|source| Error::CreateDataDir {
@@ -234,8 +245,10 @@ impl GpuDriver {
         } else {
             Partitioning::Static
         };
-        let devices = allocatable_index_with(&inventory, partitioning);
-        let (published, counter_sets) = crate::devices::publish(&inventory, &devices, partitioning);
+        let mut devices = allocatable_index_with(&inventory, partitioning);
+        if let Some(host) = &vfio {
+            add_vfio(host, &inventory, &mut devices)?;
+        }
 
         let store = CheckpointStore::new(&plugin_data_dir);
         let loaded = store.load(&boot_id).map_err(Error::LoadCheckpoint)?;
@@ -256,6 +269,7 @@ impl GpuDriver {
             undo_entry(
                 backend.as_ref(),
                 mps.as_deref(),
+                vfio.as_ref(),
                 &devices,
                 &gates,
                 entry,
@@ -272,6 +286,17 @@ impl GpuDriver {
             }
             startup.problems.extend(problems);
         }
+        if let Some(host) = &vfio {
+            let released = vfio::release_unowned(host, &devices, ledger.state());
+            if !released.is_empty() {
+                tracing::info!(gpus = ?released, "bound GPUs no claim holds back to nvidia");
+                // Offer them as GPUs again (where NVML listed them).
+                devices = allocatable_index_with(&inventory, partitioning);
+                add_vfio(host, &inventory, &mut devices)?;
+            }
+        }
+        let (published, counter_sets) = crate::devices::publish(&inventory, &devices, partitioning);
+        let siblings = vfio::siblings(&devices);
         let destroyed = dynamic_mig::tear_down_unowned(backend.as_ref(), &devices, ledger.state());
         if !destroyed.is_empty() {
             tracing::info!(
@@ -298,6 +323,9 @@ impl GpuDriver {
             gates,
             metrics,
             mps,
+            vfio,
+            siblings,
+            publisher: OnceLock::new(),
             devices,
             published,
             counter_sets,
@@ -314,11 +342,18 @@ impl GpuDriver {
         ))
     }
 
-    /// The devices this node publishes, in priority (name) order; no shared counters yet.
+    /// The devices this node publishes now, in priority (name) order, with
+    /// their counter sets: every device, except the siblings of devices a
+    /// claim holds (a GPU is offered as a GPU or for passthrough, never both).
     pub fn node_resources(&self) -> NodeResources {
-        NodeResources {
-            devices: self.shared.published.clone(),
-            shared_counters: self.shared.counter_sets.clone(),
+        self.shared.node_resources()
+    }
+
+    /// Republishes through `publisher` after every batch that may have
+    /// changed which devices are hidden; the first publisher wins.
+    pub fn set_publisher(&self, publisher: Publisher) {
+        if self.shared.publisher.set(publisher).is_err() {
+            tracing::warn!("a publisher is already set; ignoring another");
         }
     }
 
@@ -399,7 +434,9 @@ impl GpuDriver {
                     shared.node_lock_path.display()
                 )
             })?;
-            Ok(unprepare::unprepare_batch(shared, &claims))
+            let done = unprepare::unprepare_batch(shared, &claims);
+            shared.republish();
+            Ok(done)
         })
         .await?
     }
@@ -483,6 +520,35 @@ pub struct Adopted {
 }
 
 impl Shared {
+    fn node_resources(&self) -> NodeResources {
+        let hidden = if self.siblings.is_empty() {
+            Default::default()
+        } else {
+            vfio::hidden(&self.siblings, self.ledger_unsynced().state())
+        };
+        NodeResources {
+            devices: self
+                .published
+                .iter()
+                .filter(|d| !hidden.contains(&d.name))
+                .cloned()
+                .collect(),
+            shared_counters: self.counter_sets.clone(),
+        }
+    }
+
+    /// Publishes [`Self::node_resources`] again when devices have siblings.
+    fn republish(&self) {
+        if self.siblings.is_empty() {
+            return;
+        }
+        if let Some(publisher) = self.publisher.get()
+            && let Err(err) = publisher.publish(self.node_resources())
+        {
+            tracing::warn!(error = %error_chain(&err), "cannot republish the node's devices");
+        }
+    }
+
     /// Takes the ledger and brings it up to date with the file.
     fn lock_ledger(&self) -> Result<MutexGuard<'_, Ledger>, checkpoint::Error> {
         let mut ledger = self.ledger_unsynced();
@@ -537,7 +603,9 @@ impl DraDriver for GpuDriver {
         let uids: Vec<String> = claims.iter().map(|c| c.claim_ref.uid.clone()).collect();
         let (results, lock_failures) = match self
             .run("prepare", move |shared| {
-                prepare::prepare_batch(shared, claims)
+                let done = prepare::prepare_batch(shared, claims);
+                shared.republish();
+                done
             })
             .await
         {
@@ -571,7 +639,9 @@ impl DraDriver for GpuDriver {
             .collect();
         let outcomes = self
             .run("unprepare", move |shared| {
-                unprepare::unprepare_batch(shared, &batch)
+                let done = unprepare::unprepare_batch(shared, &batch);
+                shared.republish();
+                done
             })
             .await;
         let mut results = UnprepareResults::new();
@@ -626,9 +696,11 @@ pub(crate) fn lock_node(path: &Path) -> std::io::Result<File> {
 /// specs would break every container restart in them.
 /// Undoes every host change a claim's entry may stand for: resets
 /// time-sliced GPUs and destroys the MIG devices of its partitions.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn undo_entry(
     backend: &dyn nvdra_gpu::GpuBackend,
     mps: Option<&MpsDaemons>,
+    vfio_host: Option<&vfio::VfioHost>,
     devices: &BTreeMap<String, AllocatableDevice>,
     gates: &nvdra_api::FeatureGates,
     entry: &checkpoint::ClaimEntry,
@@ -651,6 +723,30 @@ pub(crate) fn undo_entry(
     for partition in dynamic_mig::partitions_of(devices, entry) {
         dynamic_mig::destroy(backend, partition, &name);
     }
+    if let Some(host) = vfio_host {
+        for device in vfio::devices_of(devices, entry) {
+            vfio::release(host, device, &name);
+        }
+    }
+}
+
+/// Adds the node's passthrough devices to `devices`.
+fn add_vfio(
+    host: &vfio::VfioHost,
+    inventory: &nvdra_gpu::Inventory,
+    devices: &mut BTreeMap<String, AllocatableDevice>,
+) -> Result<(), Error> {
+    let pci = nvdra_gpu::vfio::nvidia_pci_gpus(&host.sysfs_root).map_err(Error::ScanPci)?;
+    let offered = crate::devices::vfio_devices(
+        &pci,
+        &inventory.gpus,
+        |bdf| nvdra_gpu::pcie::pcie_root(&host.sysfs_root, bdf).ok(),
+        |bdf| {
+            nvdra_gpu::vfio::iommufd_enabled(&host.sysfs_root, &host.dev_root, bdf).unwrap_or(false)
+        },
+    );
+    crate::devices::add_vfio_devices(devices, offered);
+    Ok(())
 }
 
 /// `undo` is called with each rolled-back claim's entry first, to undo host changes beyond

@@ -298,6 +298,15 @@ async fn start_gpu_plugin(
         boot_id: read_boot_id(&args.boot_id_path),
         metrics: metrics.clone(),
         mps: mps.clone(),
+        vfio: args
+            .feature_gates
+            .enabled(FeatureGate::PassthroughSupport)
+            .then(|| crate::driver::vfio::VfioHost {
+                sysfs_root: args.sysfs_root.clone(),
+                proc_root: args.proc_root.clone(),
+                dev_root: std::path::PathBuf::from("/"),
+                budget: crate::driver::vfio::BIND_BUDGET,
+            }),
     })
     .map_err(Error::StartDriver)?;
     let driver = Arc::new(driver);
@@ -355,6 +364,7 @@ async fn start_gpu_plugin(
         publisher
             .publish(driver.node_resources())
             .map_err(Error::PublishDevices)?;
+        driver.set_publisher(publisher.clone());
     }
     Ok(plugin)
 }
@@ -533,10 +543,7 @@ fn init_logging(args: &Args) -> Result<(), Error> {
 
 /// Gates upstream has whose features this build lacks. Starting with one
 /// on would silently run without the feature, so the agent refuses to.
-const UNIMPLEMENTED_GATES: [FeatureGate; 2] = [
-    FeatureGate::PassthroughSupport,
-    FeatureGate::NVMLDeviceHealthCheck,
-];
+const UNIMPLEMENTED_GATES: [FeatureGate; 1] = [FeatureGate::NVMLDeviceHealthCheck];
 
 /// The MPS control daemons when `MPSSupport` is on; `None` (MPS claims then
 /// fail naming why) when the driver root has no `nvidia-cuda-mps-control`.
@@ -740,18 +747,22 @@ mod tests {
             .with(FeatureGate::MPSSupport, true);
         assert_eq!(unimplemented_gate(&mps), None);
         let passthrough = mps.with(FeatureGate::PassthroughSupport, true);
+        assert_eq!(unimplemented_gate(&passthrough), None);
+        let health = passthrough
+            .with(FeatureGate::PassthroughSupport, false)
+            .with(FeatureGate::NVMLDeviceHealthCheck, true);
         assert_eq!(
-            unimplemented_gate(&passthrough),
-            Some(FeatureGate::PassthroughSupport)
+            unimplemented_gate(&health),
+            Some(FeatureGate::NVMLDeviceHealthCheck)
         );
         assert_eq!(
             Error::UnimplementedGate {
-                gate: "PassthroughSupport"
+                gate: "NVMLDeviceHealthCheck"
             }
             .to_string(),
-            "feature gate PassthroughSupport is enabled, but nvdra does not implement it yet; \
-             turn it off (--feature-gates=PassthroughSupport=false, Helm value \
-             featureGates.PassthroughSupport=false)"
+            "feature gate NVMLDeviceHealthCheck is enabled, but nvdra does not implement it yet; \
+             turn it off (--feature-gates=NVMLDeviceHealthCheck=false, Helm value \
+             featureGates.NVMLDeviceHealthCheck=false)"
         );
     }
 }

@@ -78,6 +78,59 @@ pub fn partition_capacities(c: &crate::mig::MigCapacities) -> Capacities {
     engine_capacities(c)
 }
 
+/// What a VFIO device's attributes are made of: the PCI facts, and what
+/// NVML said of the GPU while it was on the nvidia driver (if it was).
+#[derive(Debug, Clone, Copy)]
+pub struct VfioFacts<'a> {
+    /// The PCI device.
+    pub pci: &'a crate::vfio::PciGpu,
+    /// The GPU's product name, when known.
+    pub product_name: Option<&'a str>,
+    /// The PCIe root, when sysfs says.
+    pub pcie_root: Option<&'a str>,
+    /// Whether iommufd is available for it.
+    pub iommufd: bool,
+}
+
+/// Attributes of a VFIO passthrough device (`type` = `vfio`): upstream's
+/// set, with IDs as `0x%04x` strings and the name-based UUID of the PCI
+/// address.
+pub fn vfio_attributes(facts: &VfioFacts<'_>) -> Attributes {
+    let s = |v: &str| AttributeValue::String(v.to_owned());
+    let mut attrs = Attributes::new();
+    attrs.insert("type".into(), s("vfio"));
+    attrs.insert("uuid".into(), s(&crate::vfio::vfio_uuid(&facts.pci.bdf)));
+    attrs.insert(
+        "deviceID".into(),
+        s(&format!("0x{:04x}", facts.pci.device_id)),
+    );
+    attrs.insert(
+        "vendorID".into(),
+        s(&format!("0x{:04x}", facts.pci.vendor_id)),
+    );
+    if let Some(numa) = facts.pci.numa_node {
+        attrs.insert("numa".into(), AttributeValue::Int(numa));
+    }
+    if let Some(name) = facts.product_name {
+        attrs.insert("productName".into(), s(name));
+    }
+    attrs.insert("iommuFDEnabled".into(), AttributeValue::Bool(facts.iommufd));
+    attrs.insert(PCI_BUS_ID.into(), s(&facts.pci.bdf));
+    if let Some(root) = facts.pcie_root {
+        attrs.insert(PCIE_ROOT.into(), s(root));
+    }
+    attrs
+}
+
+/// Capacities of a VFIO device: `addressableMemory` (the GPU's memory)
+/// when known.
+pub fn vfio_capacities(memory_bytes: Option<u64>) -> Capacities {
+    memory_bytes
+        .map(|m| ("addressableMemory".to_owned(), m))
+        .into_iter()
+        .collect()
+}
+
 fn engine_capacities(c: &crate::mig::MigCapacities) -> Capacities {
     [
         ("multiprocessors", u64::from(c.multiprocessors)),

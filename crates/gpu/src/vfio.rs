@@ -196,6 +196,85 @@ fn exists(path: &Path) -> Result<bool, Error> {
     })
 }
 
+/// NVIDIA's PCI vendor ID.
+pub const NVIDIA_VENDOR_ID: u16 = 0x10de;
+
+/// An NVIDIA GPU on the PCI bus as sysfs describes it, whichever driver
+/// holds it (NVML cannot see a GPU bound to `vfio-pci`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PciGpu {
+    /// The PCI address, `dddd:bb:dd.f`.
+    pub bdf: String,
+    /// The PCI vendor ID (NVIDIA's).
+    pub vendor_id: u16,
+    /// The PCI device ID (the product).
+    pub device_id: u16,
+    /// The NUMA node, `None` when the platform has none (sysfs says -1).
+    pub numa_node: Option<i64>,
+    /// The driver bound to it now.
+    pub driver: PciDriver,
+}
+
+/// Every NVIDIA display or 3D controller (PCI class `0x0300xx` or
+/// `0x0302xx`) under `<sysfs>/bus/pci/devices`, in PCI address order, which
+/// is the order upstream numbers VFIO devices in. Entries that are not PCI
+/// addresses, or whose vendor or class cannot be read, are skipped.
+pub fn nvidia_pci_gpus(sysfs_root: &Path) -> Result<Vec<PciGpu>, Error> {
+    let dir = sysfs_root.join("bus/pci/devices");
+    let entries = match std::fs::read_dir(&dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+        Err(source) => return Err(Error::ReadSysfs { path: dir, source }),
+    };
+    let hex = |path: PathBuf| -> Option<u32> {
+        let text = std::fs::read_to_string(path).ok()?;
+        u32::from_str_radix(text.trim().trim_start_matches("0x"), 16).ok()
+    };
+    let mut gpus = Vec::new();
+    for entry in entries.filter_map(Result::ok) {
+        let Some(bdf) = entry.file_name().to_str().map(str::to_owned) else {
+            continue;
+        };
+        if !is_bus_id(&bdf) {
+            continue;
+        }
+        let attr = |name: &str| dir.join(&bdf).join(name);
+        let (Some(vendor), Some(class)) = (hex(attr("vendor")), hex(attr("class"))) else {
+            continue;
+        };
+        let display = matches!(class >> 8, 0x0300 | 0x0302);
+        if vendor != u32::from(NVIDIA_VENDOR_ID) || !display {
+            continue;
+        }
+        let device_id = hex(attr("device")).and_then(|d| u16::try_from(d).ok());
+        let Some(device_id) = device_id else {
+            continue;
+        };
+        let numa_node = std::fs::read_to_string(attr("numa_node"))
+            .ok()
+            .and_then(|t| t.trim().parse::<i64>().ok())
+            .filter(|n| *n >= 0);
+        let driver = Device::new(sysfs_root, &bdf)?.driver()?;
+        gpus.push(PciGpu {
+            bdf,
+            vendor_id: NVIDIA_VENDOR_ID,
+            device_id,
+            numa_node,
+            driver,
+        });
+    }
+    gpus.sort_by(|a, b| a.bdf.cmp(&b.bdf));
+    Ok(gpus)
+}
+
+/// Whether the host offers iommufd (`/dev/iommu`) and the device `bdf` a
+/// `vfio-dev/vfio<N>` cdev, i.e. whether [`IommuPolicy::PreferIommuFD`]
+/// would use it.
+pub fn iommufd_enabled(sysfs_root: &Path, dev_root: &Path, bdf: &str) -> Result<bool, Error> {
+    let dev = Device::new(sysfs_root, bdf)?;
+    Ok(exists(&dev_root.join("dev/iommu"))? && iommufd_device(&dev.attr("vfio-dev"))?.is_some())
+}
+
 /// The driver the device `bdf` (`0000:41:00.0`) is bound to.
 pub fn current_driver(sysfs_root: &Path, bdf: &str) -> Result<PciDriver, Error> {
     Device::new(sysfs_root, bdf)?.driver()
@@ -1422,5 +1501,42 @@ mod tests {
             vfio_uuid("0000:41:00.0".to_uppercase().as_str())
         );
         assert_ne!(vfio_uuid(GPU), vfio_uuid("0000:3b:00.0"));
+    }
+
+    #[test]
+    fn nvidia_pci_gpus_lists_display_controllers_in_address_order() {
+        let root = tempfile::tempdir().unwrap();
+        let devices = root.path().join("bus/pci/devices");
+        let add = |bdf: &str, vendor: &str, class: &str, numa: &str| {
+            let dir = devices.join(bdf);
+            std::fs::create_dir_all(&dir).unwrap();
+            std::fs::write(dir.join("vendor"), format!("{vendor}\n")).unwrap();
+            std::fs::write(dir.join("class"), format!("{class}\n")).unwrap();
+            std::fs::write(dir.join("device"), "0x2330\n").unwrap();
+            std::fs::write(dir.join("numa_node"), format!("{numa}\n")).unwrap();
+        };
+        add("0000:c1:00.0", "0x10de", "0x030200", "1");
+        add("0000:41:00.0", "0x10de", "0x030000", "-1");
+        add("0000:41:00.1", "0x10de", "0x040300", "0"); // its audio function
+        add("0000:05:00.0", "0x8086", "0x030000", "0"); // not NVIDIA
+        std::fs::create_dir_all(devices.join("not-a-device")).unwrap();
+        let gpus = nvidia_pci_gpus(root.path()).unwrap();
+        let found: Vec<(&str, Option<i64>, &PciDriver)> = gpus
+            .iter()
+            .map(|g| (g.bdf.as_str(), g.numa_node, &g.driver))
+            .collect();
+        assert_eq!(
+            found,
+            [
+                ("0000:41:00.0", None, &PciDriver::None),
+                ("0000:c1:00.0", Some(1), &PciDriver::None)
+            ]
+        );
+        assert_eq!(gpus[0].device_id, 0x2330);
+        assert!(
+            nvidia_pci_gpus(&root.path().join("missing"))
+                .unwrap()
+                .is_empty()
+        );
     }
 }

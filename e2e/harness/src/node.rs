@@ -298,7 +298,8 @@ const MPS_CONTROL_STAND_IN: &str = include_str!(concat!(
 /// `nvidia-smi` stand-in (it records to `usr/bin/nvidia-smi.calls`), the
 /// `nvidia-cuda-mps-control` stand-in (recording beside itself too), a state
 /// file beside the node's directories (so MIG devices outlive agent
-/// restarts, as on a GPU), and sysfs and procfs roots.
+/// restarts, as on a GPU), and sysfs (with its GPUs' PCI entries, for a
+/// built-in profile) and procfs roots.
 fn mock_nvml_root(tools: &Tools, launch: &NodeLaunch<'_>) -> Result<MockNvmlRoot> {
     let dir = &launch.dirs.dir;
     let library = tools.bin_dir.join(MOCK_NVML_LIBRARY);
@@ -346,6 +347,19 @@ fn mock_nvml_root(tools: &Tools, launch: &NodeLaunch<'_>) -> Result<MockNvmlRoot
     nvdra_nvml_mock::layout::install(&library, &root.driver_root, &root.sysfs, &config)
         .map_err(anyhow::Error::msg)
         .with_context(|| format!("lay out the mock NVML node {}", launch.spec.name))?;
+    // Its GPUs' PCI entries, so passthrough finds them; a fake kernel
+    // (`nvdra_nvml_mock::pci::FakeKernel`, run by the test that needs one)
+    // rebinds them.
+    let inventory = nvdra_gpu::FakeBackend::builtin(&launch.spec.profile)
+        .transpose()
+        .map_err(anyhow::Error::msg)?
+        .map(|fake| fake.inventory())
+        .transpose()?;
+    if let Some(inventory) = inventory {
+        nvdra_nvml_mock::pci::install(&root.sysfs, &nvdra_nvml_mock::pci::specs_of(&inventory))
+            .map_err(anyhow::Error::msg)
+            .with_context(|| format!("lay out the PCI sysfs of {}", launch.spec.name))?;
+    }
     Ok(root)
 }
 

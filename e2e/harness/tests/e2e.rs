@@ -268,6 +268,25 @@ fn main() -> ExitCode {
         tally(outcome, &mut passed, &mut failed);
     }
 
+    if wanted("vfio_passthrough_claim") {
+        let outcome = runtime.block_on(with_cluster(
+            &tools,
+            &base.join("passthrough"),
+            passthrough_spec(),
+            |env| async move {
+                let result = run_one(
+                    "vfio_passthrough_claim",
+                    |e| Box::pin(e2e::mocknvml::vfio_passthrough_claim(e)),
+                    env,
+                    120,
+                )
+                .await;
+                Ok(vec![("vfio_passthrough_claim", result)])
+            },
+        ));
+        tally(outcome, &mut passed, &mut failed);
+    }
+
     if wanted("cd_scale") {
         let outcome = match scale_spec(&base, args.scale_client_qps) {
             Ok(spec) => runtime.block_on(with_cluster(
@@ -376,6 +395,20 @@ fn dynamic_mig_spec() -> ClusterSpec {
         nodes: vec![node],
         chart_sets: Vec::new(),
         agent_extra: vec!["--feature-gates=DynamicMIG=true".into()],
+        controllers: 0,
+        client_qps: None,
+    }
+}
+
+/// One H100 node on the mock NVML library with PassthroughSupport; its
+/// sysfs is a fake PCI tree the scenario runs a fake kernel for.
+fn passthrough_spec() -> ClusterSpec {
+    let mut node = NodeSpec::fake(e2e::mocknvml::PASSTHROUGH_NODE, "h100-sxm-80gb-x8");
+    node.mock_nvml = true;
+    ClusterSpec {
+        nodes: vec![node],
+        chart_sets: Vec::new(),
+        agent_extra: vec!["--feature-gates=PassthroughSupport=true".into()],
         controllers: 0,
         client_qps: None,
     }

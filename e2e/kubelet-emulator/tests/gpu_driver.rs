@@ -62,6 +62,7 @@ fn driver(data: &Path, cdi: &Path) -> GpuDriver {
         boot_id: "3c7a1b5e-0f1d-4f44-9a51-6d1f2b0e9c11".into(),
         metrics: Metrics::new(&prometheus::Registry::new(), DRIVER, NODE).unwrap(),
         mps: None,
+        vfio: None,
     };
     GpuDriver::start(config).unwrap().0
 }

@@ -80,6 +80,15 @@ pub struct CommonEdits {
 }
 
 impl CommonEdits {
+    /// The same root mapping without node-wide edits: what a claim whose
+    /// devices are all passed through to a VM gets (no driver files).
+    pub fn without_edits(&self) -> Self {
+        Self {
+            edits: ContainerEdits::default(),
+            mapping: self.mapping.clone(),
+        }
+    }
+
     /// Renders the common edits from the control nodes (in the agent's
     /// view) and the discovered driver files.
     pub fn new(

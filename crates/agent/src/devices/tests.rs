@@ -403,7 +403,7 @@ fn index_knows_the_hardware_behind_each_name() {
             info: inv.gpus[2].info.clone()
         }
     );
-    assert_eq!(gpu.physical_gpu().minor, 2);
+    assert_eq!(gpu.physical_gpu().unwrap().minor, 2);
 
     let mig = &index["gpu-4-mig-2g10gb-14-4"];
     assert_eq!(mig.device_type(), DeviceType::Mig);
@@ -415,7 +415,7 @@ fn index_knows_the_hardware_behind_each_name() {
             mig: inv.gpus[4].mig_devices[1].clone(),
         }
     );
-    assert_eq!(mig.physical_gpu().uuid, inv.gpus[4].info.uuid);
+    assert_eq!(mig.physical_gpu().unwrap().uuid, inv.gpus[4].info.uuid);
     assert_eq!(mig.to_device(&inv.driver).name, "gpu-4-mig-2g10gb-14-4");
 }
 

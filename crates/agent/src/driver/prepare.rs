@@ -28,7 +28,10 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::resource::v1::DeviceRequestAllocationResult;
-use nvdra_api::config::{GpuConfig, MigDeviceConfig, MpsConfig, SharingStrategy};
+use nvdra_api::config::{
+    GpuConfig, IommuBackendPolicy, MigDeviceConfig, MpsConfig, SharingStrategy, VfioDeviceConfig,
+};
+use nvdra_gpu::vfio::IommuPolicy;
 use nvdra_kubelet_plugin::error::error_chain;
 use nvdra_kubelet_plugin::{ClaimError, PrepareClaim, PrepareResults};
 use serde_json::Map;
@@ -39,7 +42,7 @@ use crate::cdi::spec::{ContainerEdits, Mount};
 use crate::cdi::{self, ClaimDevice, qualified_device_id, render_claim_spec};
 use crate::checkpoint::{
     self, AllocatedDevice, BeginOutcome, DeviceInfo, PreparedDevice as RecordedDevice, PreparedGpu,
-    PreparedGroup, PreparedMig,
+    PreparedGroup, PreparedMig, PreparedVfio,
 };
 use crate::config::{self, ConfigGroup, ConfigOrigin, DeviceAllocation, ResolvedConfig};
 use crate::devices::AllocatableDevice;
@@ -122,6 +125,29 @@ pub enum PrepareError {
     /// A GPU's time slice could not be set.
     #[error(transparent)]
     TimeSlice(Box<super::sharing::ApplyError>),
+    /// A GPU could not be bound to vfio-pci for passthrough.
+    #[error("cannot pass through device {device:?}")]
+    Vfio {
+        /// The allocated device.
+        device: String,
+        /// Why.
+        #[source]
+        source: Box<super::vfio::Error>,
+    },
+    /// The device's sibling (the same GPU offered the other way) is held by
+    /// another claim.
+    #[error(
+        "device {device:?} is the same GPU as {sibling:?}, which claim {holder} holds; a GPU is \
+         used as a GPU or passed through, never both"
+    )]
+    SiblingInUse {
+        /// The allocated device.
+        device: String,
+        /// Its sibling.
+        sibling: String,
+        /// The UID of the claim holding the sibling.
+        holder: String,
+    },
     /// MPS could not be set up for a group.
     #[error("cannot set up MPS for the devices of {origin}")]
     Mps {
@@ -160,6 +186,9 @@ struct GroupPlan {
     mps: Option<MpsConfig>,
     /// Where its config came from.
     origin: ConfigOrigin,
+    /// For passthrough devices: the IOMMU backend and whether the container
+    /// gets the API device.
+    vfio: (IommuPolicy, bool),
 }
 
 /// A claim that passed every check that needs no lock.
@@ -325,6 +354,7 @@ fn plan(shared: &Shared, claim: &PrepareClaim) -> Result<ClaimPlan, PrepareError
             time_slice: sharing::time_slice_of(&group.config),
             mps: sharing::mps_of(&group.config),
             origin: group.origin,
+            vfio: iommu_of(&group.config),
             devices: group
                 .devices
                 .iter()
@@ -356,6 +386,24 @@ fn plan(shared: &Shared, claim: &PrepareClaim) -> Result<ClaimPlan, PrepareError
         allocated: claim.results.iter().map(allocated_device).collect(),
         groups,
     })
+}
+
+/// The IOMMU settings of a group's config (`LegacyOnly` without the API
+/// device unless a `VfioDeviceConfig` says otherwise).
+fn iommu_of(config: &ResolvedConfig) -> (IommuPolicy, bool) {
+    match config {
+        ResolvedConfig::Vfio(VfioDeviceConfig { iommu: Some(iommu) }) => (
+            match iommu.backend_policy {
+                IommuBackendPolicy::PreferIommuFD => IommuPolicy::PreferIommuFD,
+                // Validation rejects unknown policies before a claim gets here.
+                IommuBackendPolicy::LegacyOnly | IommuBackendPolicy::Unknown(_) => {
+                    IommuPolicy::LegacyOnly
+                }
+            },
+            iommu.enable_api_device.unwrap_or(false),
+        ),
+        _ => (IommuPolicy::LegacyOnly, false),
+    }
 }
 
 /// The checkpoint record of one allocation result (also used by the corruption rebuild).
@@ -406,7 +454,8 @@ fn check_supported(shared: &Shared, group: &ConfigGroup) -> Result<(), PrepareEr
                 }
             }
         }
-        ResolvedConfig::Vfio(_) => unsupported("VfioDeviceConfig (VFIO passthrough)"),
+        ResolvedConfig::Vfio(_) if shared.vfio.is_some() => Ok(()),
+        ResolvedConfig::Vfio(_) => unsupported("VfioDeviceConfig (PassthroughSupport is off)"),
     }
 }
 
@@ -423,6 +472,19 @@ fn begin(
     ledger: &mut Ledger,
     plan: &ClaimPlan,
 ) -> Result<Begun, (PrepareError, bool)> {
+    let names: Vec<&str> = plan.allocated.iter().map(|d| d.device.as_str()).collect();
+    if let Some((device, sibling, holder)) =
+        super::vfio::sibling_holder(&shared.siblings, ledger.state(), &plan.claim.uid, &names)
+    {
+        return Err((
+            PrepareError::SiblingInUse {
+                device,
+                sibling,
+                holder,
+            },
+            false,
+        ));
+    }
     let mut rolled_back = false;
     loop {
         let outcome = ledger
@@ -551,6 +613,22 @@ fn materialize(
     let mut concrete = BTreeMap::new();
     for device in plan.groups.iter().flat_map(|g| &g.devices) {
         let name = device.device.name();
+        if let (AllocatableDevice::Vfio(v), false) = (&device.device, device.admin_access) {
+            let bound = match &shared.vfio {
+                Some(host) => super::vfio::bind(host, v).map_err(|source| PrepareError::Vfio {
+                    device: name.clone(),
+                    source: Box::new(source),
+                }),
+                None => Err(PrepareError::Internal(format!(
+                    "VFIO device {name} allocated without PassthroughSupport"
+                ))),
+            };
+            if let Err(err) = bound {
+                undo_materialize(shared, plan);
+                return Err(err);
+            }
+            continue;
+        }
         let result = match &device.device {
             // Admin access neither creates nor changes anything: it sees the
             // MIG device the claim holding the partition created.
@@ -601,8 +679,14 @@ fn materialize(
 fn undo_materialize(shared: &Shared, plan: &ClaimPlan) {
     let claim = plan.claim.to_string();
     for device in plan.groups.iter().flat_map(|g| &g.devices) {
-        if let (AllocatableDevice::Partition(p), false) = (&device.device, device.admin_access) {
-            dynamic_mig::destroy(shared.backend.as_ref(), p, &claim);
+        match (&device.device, device.admin_access, &shared.vfio) {
+            (AllocatableDevice::Partition(p), false, _) => {
+                dynamic_mig::destroy(shared.backend.as_ref(), p, &claim);
+            }
+            (AllocatableDevice::Vfio(v), false, Some(host)) => {
+                super::vfio::release(host, v, &claim);
+            }
+            _ => {}
         }
     }
 }
@@ -614,7 +698,9 @@ fn full_gpus(group: &GroupPlan) -> Vec<&nvdra_gpu::GpuInfo> {
         .iter()
         .filter_map(|d| match &d.device {
             AllocatableDevice::Gpu { info } => Some(info),
-            AllocatableDevice::Mig { .. } | AllocatableDevice::Partition(_) => None,
+            AllocatableDevice::Mig { .. }
+            | AllocatableDevice::Partition(_)
+            | AllocatableDevice::Vfio(_) => None,
         })
         .collect()
 }
@@ -670,7 +756,7 @@ fn group_uuids(group: &GroupPlan, concrete: &BTreeMap<String, AllocatableDevice>
         .filter_map(|d| match concrete_of(concrete, &d.device) {
             AllocatableDevice::Gpu { info } => Some(info.uuid.clone()),
             AllocatableDevice::Mig { mig, .. } => Some(mig.uuid.clone()),
-            AllocatableDevice::Partition(_) => None,
+            AllocatableDevice::Partition(_) | AllocatableDevice::Vfio(_) => None,
         })
         .collect()
 }
@@ -712,14 +798,26 @@ fn render_and_write(
             if cdi_devices.iter().any(|d| d.name == name) {
                 continue;
             }
-            let mut cdi_device = claim_device(shared, concrete, device)?;
+            let mut cdi_device = claim_device(shared, concrete, device, group.vfio)?;
             if let Some(edits) = &mps_edits {
                 cdi_device.extra_edits.append(edits);
             }
             cdi_devices.push(cdi_device);
         }
     }
-    let spec = render_claim_spec(uid, &cdi_devices, &shared.common_edits)
+    // A claim of passthrough devices only gets no driver files: its
+    // container runs a VM, not CUDA.
+    let passthrough_only = plan
+        .groups
+        .iter()
+        .flat_map(|g| &g.devices)
+        .all(|d| matches!(d.device, AllocatableDevice::Vfio(_)));
+    let common = if passthrough_only {
+        shared.common_edits.without_edits()
+    } else {
+        shared.common_edits.clone()
+    };
+    let spec = render_claim_spec(uid, &cdi_devices, &common)
         .map_err(|err| PrepareError::Cdi(Box::new(err)))?;
     shared
         .cdi
@@ -755,6 +853,7 @@ fn claim_device(
     shared: &Shared,
     concrete: &BTreeMap<String, AllocatableDevice>,
     device: &DevicePlan,
+    (policy, api_device): (IommuPolicy, bool),
 ) -> Result<ClaimDevice, PrepareError> {
     let name = device.device.name();
     Ok(match concrete_of(concrete, &device.device) {
@@ -765,6 +864,25 @@ fn claim_device(
             return Err(PrepareError::Internal(format!(
                 "partition {name} reached the CDI spec without its MIG device"
             )));
+        }
+        AllocatableDevice::Vfio(v) => {
+            let host = shared.vfio.as_ref().ok_or_else(|| {
+                PrepareError::Internal(format!(
+                    "VFIO device {name} allocated without PassthroughSupport"
+                ))
+            })?;
+            let nodes =
+                super::vfio::device_nodes(host, v, policy, api_device).map_err(|source| {
+                    PrepareError::Vfio {
+                        device: name.clone(),
+                        source: Box::new(super::vfio::Error::Device(source)),
+                    }
+                })?;
+            let mut device = ClaimDevice::new(&name, &nodes);
+            // As upstream: the container sees no GPU through the NVIDIA
+            // runtime; the VM gets the whole device.
+            device.extra_edits.env = vec!["NVIDIA_VISIBLE_DEVICES=void".to_owned()];
+            device
         }
     })
 }
@@ -804,6 +922,13 @@ pub(crate) fn device_info(device: &AllocatableDevice) -> DeviceInfo {
             placement_start: Some(mig.placement.start),
             placement_size: Some(mig.placement.size),
         }),
+        AllocatableDevice::Vfio(v) => DeviceInfo::Vfio(PreparedVfio {
+            uuid: v
+                .gpu
+                .as_ref()
+                .map_or_else(|| v.uuid.clone(), |g| g.uuid.clone()),
+            pci_bus_id: Some(v.pci.bdf.clone()),
+        }),
         // Not created yet (a record rebuilt from the API server): no UUID or
         // instance IDs. Unprepare finds the device by its placement.
         AllocatableDevice::Partition(p) => DeviceInfo::Mig(PreparedMig {
@@ -841,6 +966,7 @@ pub(super) fn undo_entry(
     super::undo_entry(
         shared.backend.as_ref(),
         shared.mps.as_deref(),
+        shared.vfio.as_ref(),
         &shared.devices,
         &shared.gates,
         entry,

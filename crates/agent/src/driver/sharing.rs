@@ -225,7 +225,9 @@ fn gpus_of<'a>(
 ) -> Vec<&'a GpuInfo> {
     let gpu = |device: &'a AllocatableDevice| match device {
         AllocatableDevice::Gpu { info } => Some(info),
-        AllocatableDevice::Mig { .. } | AllocatableDevice::Partition(_) => None,
+        AllocatableDevice::Mig { .. }
+        | AllocatableDevice::Partition(_)
+        | AllocatableDevice::Vfio(_) => None,
     };
     match entry.state {
         ClaimState::PrepareStarted if all_when_started => entry

@@ -147,6 +147,7 @@ pub fn config_at(
         boot_id: BOOT_ID.into(),
         metrics: Metrics::new(&registry, DRIVER, NODE).unwrap(),
         mps: None,
+        vfio: None,
     };
     (config, registry)
 }

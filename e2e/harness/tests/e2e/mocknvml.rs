@@ -56,18 +56,29 @@ async fn published(env: &Env, node: &str) -> Result<BTreeMap<(String, String), V
 /// NVML node is prepared with the capability minors the mock driver's procfs
 /// gives; deleting it unprepares.
 pub async fn mock_nvml_node(env: Arc<Env>) -> Result<()> {
-    let nvml = published(&env, NVML_NODE).await?;
-    let fake = published(&env, FAKE_NODE).await?;
-    ensure!(!nvml.is_empty(), "{NVML_NODE} publishes nothing");
-    let differing: Vec<_> = fake
-        .keys()
-        .chain(nvml.keys())
-        .filter(|k| fake.get(*k) != nvml.get(*k))
-        .collect();
-    ensure!(
-        differing.is_empty(),
-        "devices differ between the NVML and the fake node: {differing:?}"
-    );
+    // The cluster is up once the GPU pools are published; the
+    // compute-domain pools may follow a moment later.
+    let differing = || async {
+        let nvml = published(&env, NVML_NODE).await?;
+        let fake = published(&env, FAKE_NODE).await?;
+        ensure!(!nvml.is_empty(), "{NVML_NODE} publishes nothing");
+        Ok(fake
+            .keys()
+            .chain(nvml.keys())
+            .filter(|k| fake.get(*k) != nvml.get(*k))
+            .cloned()
+            .collect::<Vec<_>>())
+    };
+    let settled = nvdra_e2e::wait::until(
+        Duration::from_secs(30),
+        "both nodes to publish the same devices",
+        || async { Ok(differing().await?.is_empty()) },
+    )
+    .await;
+    if settled.is_err() {
+        let differing = differing().await?;
+        anyhow::bail!("devices differ between the NVML and the fake node: {differing:?}");
+    }
 
     let ns = env.namespace("e2e-mock-nvml").await?;
     env.apply(&format!(
@@ -347,6 +358,93 @@ spec:
             let state = mock_state(&env, NVML_NODE)?;
             Ok(stopped && state["compute_modes"][&uuid].is_null())
         },
+    )
+    .await
+}
+
+/// The node of the passthrough cluster: an H100 node on the mock library.
+pub const PASSTHROUGH_NODE: &str = "vfio-h100";
+
+/// VFIO passthrough on a mock-NVML H100 node with a fake PCI sysfs tree (a
+/// fake kernel rebinds devices when the agent writes the driver files): a
+/// pod asks for a `vfio.gpu.nvidia.com` device; the agent binds its GPU to
+/// vfio-pci, the CDI spec gives the container the IOMMU group's node and no
+/// driver files, and the GPU's `gpu-<minor>` sibling leaves the
+/// ResourceSlice; deleting the pod binds the GPU back to nvidia and offers
+/// it as a GPU again.
+pub async fn vfio_passthrough_claim(env: Arc<Env>) -> Result<()> {
+    let sysfs = env.cluster.node_dirs(PASSTHROUGH_NODE).dir.join("sys");
+    let _kernel = nvdra_nvml_mock::pci::FakeKernel::spawn(&sysfs).map_err(anyhow::Error::msg)?;
+    let ns = env.namespace("e2e-vfio").await?;
+    env.apply(&format!(
+        "apiVersion: resource.k8s.io/v1
+kind: ResourceClaim
+metadata: {{ namespace: {ns}, name: vm-gpu }}
+spec:
+  devices:
+    requests:
+    - name: vm
+      exactly: {{ deviceClassName: vfio.gpu.nvidia.com }}
+"
+    ))?;
+    env.create_pod(
+        &ns,
+        "vm",
+        &[("vm", "claim", "vm-gpu")],
+        Some(PASSTHROUGH_NODE),
+    )
+    .await?;
+    let pod = env.running(&ns, "vm", RUNNING).await?;
+    let claim = env.pod_claim(&pod, "vm").await?;
+    let name = the_device_from(&claim, PASSTHROUGH_NODE)?;
+    let before = published(&env, PASSTHROUGH_NODE).await?;
+    let device = before
+        .get(&("gpu.nvidia.com".to_owned(), name.clone()))
+        .with_context(|| format!("{name} is not published"))?;
+    let bdf = device["attributes"]["resource.kubernetes.io/pciBusID"]["string"]
+        .as_str()
+        .with_context(|| format!("{name} has no PCI bus ID: {device}"))?
+        .to_owned();
+    let driver = || nvdra_gpu::vfio::current_driver(&sysfs, &bdf);
+    ensure!(
+        driver()? == nvdra_gpu::vfio::PciDriver::VfioPci,
+        "{bdf} is on {}, not vfio-pci, while the pod runs",
+        driver()?
+    );
+    let group = nvdra_gpu::vfio::iommu_group(&sysfs, &bdf)?;
+    let spec_path = env.cdi_spec(PASSTHROUGH_NODE, &uid(&claim));
+    let cdi = std::fs::read_to_string(&spec_path)
+        .with_context(|| format!("read {}", spec_path.display()))?;
+    ensure!(
+        cdi.contains(&format!("/dev/vfio/{group}"))
+            && cdi.contains("NVIDIA_VISIBLE_DEVICES=void")
+            && !cdi.contains("libnvidia-ml"),
+        "the CDI spec is not a passthrough spec for group {group}:\n{cdi}"
+    );
+    // The same GPU is not on offer as a GPU while it is passed through.
+    let sibling = |devices: &BTreeMap<(String, String), Value>| {
+        devices.iter().any(|((_, n), d)| {
+            !n.contains("vfio")
+                && d["attributes"]["resource.kubernetes.io/pciBusID"]["string"] == bdf.as_str()
+        })
+    };
+    nvdra_e2e::wait::until(
+        Duration::from_secs(30),
+        "the passed-through GPU to leave the ResourceSlice as a GPU",
+        || async { Ok(!sibling(&published(&env, PASSTHROUGH_NODE).await?)) },
+    )
+    .await?;
+
+    env.delete_pod(&ns, "vm", Duration::from_secs(60)).await?;
+    ensure!(
+        driver()? == nvdra_gpu::vfio::PciDriver::Nvidia,
+        "{bdf} is on {} after the pod, not nvidia",
+        driver()?
+    );
+    nvdra_e2e::wait::until(
+        Duration::from_secs(30),
+        "the GPU to be offered as a GPU again",
+        || async { Ok(sibling(&published(&env, PASSTHROUGH_NODE).await?)) },
     )
     .await
 }
