@@ -414,6 +414,13 @@ expect_same "NVIDIA_DRIVER_ROOT from nvidiaDriverRoot" "/run/nvidia/driver" \
 expect_contains "driver root mounted from nvidiaDriverRoot" 'path: "/run/nvidia/driver"' "$custom"
 expect_contains "probe port follows gpuHttpEndpoint" "containerPort: 9400" "$custom"
 
+passthrough="$(ok_render --set featureGates.PassthroughSupport=true \
+	--show-only templates/kubeletplugin.yaml)"
+expect_same "PassthroughSupport reads the host's procfs" "/host/proc" \
+	"$(env_value NVDRA_PROC_ROOT <<<"$passthrough")"
+expect_contains "PassthroughSupport mounts the host's /proc" "path: /proc" "$passthrough"
+expect_absent "no host /proc without PassthroughSupport" "host-proc" "$custom"
+
 ### Against a real API server ##############################################
 
 if [[ -n "$kubeconfig" ]]; then
