@@ -314,6 +314,7 @@ async fn measure_startup() -> (Duration, Vec<Duration>) {
         metrics: Metrics::new(&registry, DRIVER, NODE).unwrap(),
         mps: None,
         vfio: None,
+        health: None,
     })
     .unwrap();
     let driver = Arc::new(driver);

@@ -94,6 +94,12 @@ pub struct Args {
     #[arg(long, env = "NVDRA_MPS_PRIVATE_SHM", default_value_t = true, action = clap::ArgAction::Set)]
     pub mps_private_shm: bool,
 
+    /// With `NVMLDeviceHealthCheck`: Xids, besides upstream's 13, 31, 43,
+    /// 45, 68 and 109, that taint a device with effect `None` only
+    /// (comma-separated).
+    #[arg(long, env = "ADDITIONAL_XIDS_TO_IGNORE", value_delimiter = ',')]
+    pub additional_xids_to_ignore: Vec<u64>,
+
     /// Feature gates, `Name=true,Other=false`.
     #[arg(long, env = "FEATURE_GATES", default_value = "")]
     pub feature_gates: FeatureGates,

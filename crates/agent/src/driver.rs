@@ -48,7 +48,7 @@
 //! - A panic inside a batch poisons the mutex; the next batch re-reads the checkpoint from
 //!   disk (the file is always a complete, consistent state) instead of trusting memory.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{File, OpenOptions};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
@@ -69,6 +69,7 @@ use crate::checkpoint::{
     self, CheckpointState, CheckpointStore, ClaimEntry, ClaimState, LoadOutcome,
 };
 use crate::devices::{AllocatableDevice, Partitioning, allocatable_index_with};
+use crate::health::{HealthState, HealthStore};
 use crate::metrics::{ErrorType, Metrics, Operation};
 use crate::mps::MpsDaemons;
 
@@ -110,6 +111,12 @@ pub enum Error {
     /// The checkpoint could not be read.
     #[error("cannot load the checkpoint")]
     LoadCheckpoint(#[source] checkpoint::Error),
+    /// No health watch could be set up (NVMLDeviceHealthCheck).
+    #[error("cannot watch the GPUs' health")]
+    WatchHealth(#[source] nvdra_gpu::Error),
+    /// The health thread could not be started.
+    #[error("cannot start the health thread")]
+    SpawnHealth(#[source] std::io::Error),
     /// The node's PCI GPUs could not be listed (PassthroughSupport).
     #[error("cannot list the node's NVIDIA PCI devices")]
     ScanPci(#[source] nvdra_gpu::Error),
@@ -142,6 +149,28 @@ pub struct GpuDriverConfig {
     /// The host's kernel interfaces for passthrough; `None` unless the
     /// `PassthroughSupport` gate is on.
     pub vfio: Option<vfio::VfioHost>,
+    /// Device health; `None` unless the `NVMLDeviceHealthCheck` gate is on
+    /// (see [`GpuDriver::watch_health`]).
+    pub health: Option<HealthOptions>,
+}
+
+/// How device health is judged.
+#[derive(Debug, Clone)]
+pub struct HealthOptions {
+    /// Xids that taint with effect `None` only.
+    pub ignored_xids: BTreeSet<u64>,
+    /// How long a lost GPU must be gone before NVML answering for every GPU
+    /// again clears its taint.
+    pub lost_recovery: std::time::Duration,
+}
+
+impl Default for HealthOptions {
+    fn default() -> Self {
+        Self {
+            ignored_xids: crate::health::DEFAULT_IGNORED_XIDS.into_iter().collect(),
+            lost_recovery: GPU_LOST_RECOVERY,
+        }
+    }
 }
 
 /// What [`GpuDriver::start`] found and repaired.
@@ -189,6 +218,7 @@ pub(crate) struct Shared {
     vfio: Option<vfio::VfioHost>,
     siblings: BTreeMap<String, String>,
     publisher: OnceLock<Publisher>,
+    health: Option<Health>,
     devices: BTreeMap<String, AllocatableDevice>,
     published: Vec<Device>,
     counter_sets: Vec<k8s_openapi::api::resource::v1::CounterSet>,
@@ -196,6 +226,33 @@ pub(crate) struct Shared {
     ledger: Mutex<Ledger>,
     fault: OnceLock<FaultHook>,
     inline_io: AtomicBool,
+}
+
+/// Device health: the taints, where they are saved, which Xids only inform.
+struct Health {
+    state: Mutex<HealthState>,
+    store: HealthStore,
+    options: HealthOptions,
+}
+
+impl Health {
+    fn lock(&self) -> MutexGuard<'_, HealthState> {
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Changes the state with `change`; saves when it says it changed.
+    fn update(&self, change: impl FnOnce(&mut HealthState) -> bool) -> bool {
+        let mut state = self.lock();
+        if !change(&mut state) {
+            return false;
+        }
+        if let Err(err) = self.store.save(&state) {
+            tracing::warn!(error = %err, "cannot save the device health state; it is lost if the agent restarts");
+        }
+        true
+    }
 }
 
 /// The `gpu.nvidia.com` node driver; hand it to [`nvdra_kubelet_plugin::KubeletPlugin`].
@@ -227,6 +284,7 @@ impl GpuDriver {
             metrics,
             mps,
             vfio,
+            health,
         } = config;
 
         std::fs::create_dir_all(&plugin_data_dir).map_err(|source| Error::CreateDataDir {
@@ -326,6 +384,11 @@ impl GpuDriver {
             vfio,
             siblings,
             publisher: OnceLock::new(),
+            health: health.map(|options| Health {
+                state: Mutex::new(HealthStore::new(&plugin_data_dir).load()),
+                store: HealthStore::new(&plugin_data_dir),
+                options,
+            }),
             devices,
             published,
             counter_sets,
@@ -347,6 +410,68 @@ impl GpuDriver {
     /// claim holds (a GPU is offered as a GPU or for passthrough, never both).
     pub fn node_resources(&self) -> NodeResources {
         self.shared.node_resources()
+    }
+
+    /// Starts watching the node's GPUs for health events (a no-op without
+    /// `NVMLDeviceHealthCheck`) on a thread of its own; taints are
+    /// republished as they change. Fails when no watch can be set up.
+    pub fn watch_health(&self) -> Result<(), Error> {
+        let Some(health) = &self.shared.health else {
+            return Ok(());
+        };
+        let mut gpus: Vec<nvdra_gpu::GpuInfo> = Vec::new();
+        for device in self.shared.devices.values() {
+            if let Some(gpu) = device.physical_gpu()
+                && !gpus.iter().any(|g| g.uuid == gpu.uuid)
+            {
+                gpus.push(gpu.clone());
+            }
+        }
+        let watch = self
+            .shared
+            .backend
+            .watch_health(&gpus)
+            .map_err(Error::WatchHealth)?;
+        let now = now_seconds();
+        let unmonitored: Vec<String> = watch
+            .unmonitored()
+            .iter()
+            .flat_map(|uuid| crate::health::devices_of_gpu(&self.shared.devices, uuid))
+            .collect();
+        // Re-judged at every start: a GPU may report events again.
+        if health.update(|state| {
+            let cleared = state.clear_key(crate::health::UNMONITORED_KEY);
+            state.unmonitored(&unmonitored, now) || cleared
+        }) && !unmonitored.is_empty()
+        {
+            tracing::warn!(devices = ?unmonitored, "devices whose health NVML cannot report are tainted unmonitored");
+        }
+        self.shared.republish();
+        let shared = Arc::clone(&self.shared);
+        std::thread::Builder::new()
+            .name("nvdra-health".to_owned())
+            .spawn(move || health_loop(&shared, &watch))
+            .map(|_| ())
+            .map_err(Error::SpawnHealth)
+    }
+
+    /// Acts on the value of the Node's clear annotation
+    /// ([`crate::health::CLEAR_ANNOTATION`]); returns the devices cleared.
+    pub fn clear_health_taints(&self, request: &str) -> Vec<String> {
+        let Some(health) = &self.shared.health else {
+            return Vec::new();
+        };
+        let mut cleared = Vec::new();
+        let changed = health.update(|state| {
+            let before = state.last_clear.clone();
+            cleared = state.clear_request(request);
+            before != state.last_clear
+        });
+        if changed && !cleared.is_empty() {
+            tracing::info!(devices = ?cleared, request, "device health taints cleared by the Node annotation");
+            self.shared.republish();
+        }
+        cleared
     }
 
     /// Republishes through `publisher` after every batch that may have
@@ -526,20 +651,26 @@ impl Shared {
         } else {
             vfio::hidden(&self.siblings, self.ledger_unsynced().state())
         };
+        let health = self.health.as_ref().map(|h| h.lock().clone());
         NodeResources {
             devices: self
                 .published
                 .iter()
                 .filter(|d| !hidden.contains(&d.name))
-                .cloned()
+                .map(|d| {
+                    let mut device = d.clone();
+                    device.taints = health.as_ref().and_then(|h| h.device_taints(&d.name));
+                    device
+                })
                 .collect(),
             shared_counters: self.counter_sets.clone(),
         }
     }
 
-    /// Publishes [`Self::node_resources`] again when devices have siblings.
+    /// Publishes [`Self::node_resources`] again when what is published can
+    /// change (devices with siblings, device health).
     fn republish(&self) {
-        if self.siblings.is_empty() {
+        if self.siblings.is_empty() && self.health.is_none() {
             return;
         }
         if let Some(publisher) = self.publisher.get()
@@ -728,6 +859,93 @@ pub(crate) fn undo_entry(
             vfio::release(host, device, &name);
         }
     }
+}
+
+/// How long a lost GPU must answer again before its taint goes.
+const GPU_LOST_RECOVERY: std::time::Duration = std::time::Duration::from_secs(30);
+
+fn now_seconds() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+/// Waits for health events forever, recording each on the devices it
+/// concerns and republishing on change; clears `gpu-lost` once NVML
+/// answers for every GPU again, [`GPU_LOST_RECOVERY`] after the loss.
+fn health_loop(shared: &Shared, watch: &nvdra_gpu::health::HealthWatch) {
+    let Some(health) = &shared.health else {
+        return;
+    };
+    loop {
+        // Short waits while a lost GPU may recover, so it is seen soon.
+        let slice = health.options.lost_recovery.clamp(
+            std::time::Duration::from_millis(100),
+            std::time::Duration::from_secs(5),
+        );
+        match watch.wait(slice) {
+            Ok(Some(event)) => {
+                let devices = event_devices(shared, &event);
+                tracing::warn!(?event, ?devices, "GPU health event");
+                let now = now_seconds();
+                if health.update(|state| {
+                    state.record(&event, &devices, &health.options.ignored_xids, now)
+                }) {
+                    shared.republish();
+                }
+            }
+            Ok(None) => {
+                let lost_since = health
+                    .lock()
+                    .taints
+                    .values()
+                    .filter_map(|t| t.get(crate::health::GPU_LOST_KEY))
+                    .map(|t| t.since)
+                    .max();
+                let wait =
+                    i64::try_from(health.options.lost_recovery.as_secs()).unwrap_or(i64::MAX);
+                let recovered = lost_since
+                    .is_some_and(|since| now_seconds().saturating_sub(since) >= wait)
+                    && shared.backend.gpus().is_ok();
+                if recovered && health.update(|state| state.clear_key(crate::health::GPU_LOST_KEY))
+                {
+                    tracing::info!("NVML answers for every GPU again; gpu-lost taints cleared");
+                    shared.republish();
+                }
+            }
+            Err(err) => {
+                tracing::warn!(error = %error_chain(&err), "waiting for GPU health events failed; retrying");
+                std::thread::sleep(std::time::Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+/// The devices `event` concerns: the MIG device it names (static, or the
+/// partition whose created device it is), else every device of its GPU.
+fn event_devices(shared: &Shared, event: &nvdra_gpu::health::HealthEvent) -> Vec<String> {
+    let (Some(gi), Some(ci)) = (event.gi_id, event.ci_id) else {
+        return crate::health::devices_of_gpu(&shared.devices, &event.gpu_uuid);
+    };
+    if let Some(name) = crate::health::static_mig_device(&shared.devices, &event.gpu_uuid, gi, ci) {
+        return vec![name];
+    }
+    let parent = shared
+        .devices
+        .values()
+        .filter_map(AllocatableDevice::physical_gpu)
+        .find(|g| g.uuid == event.gpu_uuid);
+    let created = parent.and_then(|gpu| shared.backend.mig_devices(gpu).ok());
+    created
+        .into_iter()
+        .flatten()
+        .find(|mig| mig.gi_id == gi && mig.ci_id == ci)
+        .map(|mig| mig.device_name())
+        .filter(|name| shared.devices.contains_key(name))
+        .map_or_else(
+            || crate::health::devices_of_gpu(&shared.devices, &event.gpu_uuid),
+            |name| vec![name],
+        )
 }
 
 /// Adds the node's passthrough devices to `devices`.

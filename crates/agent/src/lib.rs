@@ -19,6 +19,7 @@ pub mod config;
 pub mod devices;
 pub mod driver;
 pub mod events;
+pub mod health;
 pub mod metrics;
 pub mod mps;
 pub mod rebuild;

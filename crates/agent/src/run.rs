@@ -92,15 +92,6 @@ pub enum Error {
     /// Both drivers are turned off.
     #[error("nothing to serve: both --gpus and --compute-domains are false")]
     NoDriver,
-    /// A feature gate is on whose feature this build does not have.
-    #[error(
-        "feature gate {gate} is enabled, but nvdra does not implement it yet; turn it off \
-         (--feature-gates={gate}=false, Helm value featureGates.{gate}=false)"
-    )]
-    UnimplementedGate {
-        /// The gate.
-        gate: &'static str,
-    },
     /// The IMEX facts or the NVLink clique of the node could not be read.
     #[error("read the node's IMEX channels and NVLink clique")]
     ReadImex(#[source] nvdra_gpu::Error),
@@ -146,9 +137,6 @@ pub async fn run(args: Args) -> Result<(), Error> {
     );
     if !args.gpus && !args.compute_domains {
         return Err(Error::NoDriver);
-    }
-    if let Some(gate) = unimplemented_gate(&args.feature_gates) {
-        return Err(Error::UnimplementedGate { gate: gate.name() });
     }
 
     let backend = open_backend(&args)?;
@@ -307,6 +295,16 @@ async fn start_gpu_plugin(
                 dev_root: std::path::PathBuf::from("/"),
                 budget: crate::driver::vfio::BIND_BUDGET,
             }),
+        health: args
+            .feature_gates
+            .enabled(FeatureGate::NVMLDeviceHealthCheck)
+            .then(|| {
+                let mut options = crate::driver::HealthOptions::default();
+                options
+                    .ignored_xids
+                    .extend(args.additional_xids_to_ignore.iter().copied());
+                options
+            }),
     })
     .map_err(Error::StartDriver)?;
     let driver = Arc::new(driver);
@@ -334,7 +332,7 @@ async fn start_gpu_plugin(
         crate::rebuild::rebuild_after_corruption(&driver, client, &startup.unaccounted_specs).await;
     }
 
-    let plugin = KubeletPlugin::builder(drivers::GPU, Arc::clone(&driver))
+    let mut builder = KubeletPlugin::builder(drivers::GPU, Arc::clone(&driver))
         .registrar_dir(&args.kubelet_registrar_directory_path)
         .plugin_data_dir(&plugin_data_dir)
         .rolling_update(args.pod_uid.clone().unwrap_or_default())
@@ -351,9 +349,17 @@ async fn start_gpu_plugin(
         .critical_task(
             "claim-cleanup",
             cleanup_loop(Arc::clone(&driver), client.clone(), args.cleanup_interval),
-        )
-        .build()
-        .map_err(Error::Plugin)?;
+        );
+    if args
+        .feature_gates
+        .enabled(FeatureGate::NVMLDeviceHealthCheck)
+    {
+        builder = builder.critical_task(
+            "health-clear-requests",
+            clear_health_on_request(Arc::clone(&driver), client.clone(), args.node_name.clone()),
+        );
+    }
+    let plugin = builder.build().map_err(Error::Plugin)?;
     if let Some(publisher) = plugin.slice_publisher() {
         // Not critical: without it only the slice metrics go stale.
         let status = publisher.watch_status();
@@ -365,9 +371,44 @@ async fn start_gpu_plugin(
             .publish(driver.node_resources())
             .map_err(Error::PublishDevices)?;
         driver.set_publisher(publisher.clone());
+        driver.watch_health().map_err(Error::StartDriver)?;
     }
     Ok(plugin)
 }
+
+/// Clears device health taints when the Node's
+/// [`crate::health::CLEAR_ANNOTATION`] changes (with
+/// `NVMLDeviceHealthCheck`). It reads its own Node every
+/// [`HEALTH_CLEAR_POLL`]: the agent may get its Node, not watch Nodes.
+async fn clear_health_on_request(
+    driver: Arc<GpuDriver>,
+    client: kube::Client,
+    node: String,
+) -> Result<(), BoxError> {
+    let nodes: kube::Api<k8s_openapi::api::core::v1::Node> = kube::Api::all(client);
+    let mut ticker = tokio::time::interval(HEALTH_CLEAR_POLL);
+    loop {
+        ticker.tick().await;
+        let request = match nodes.get_opt(&node).await {
+            Ok(found) => found.and_then(|n| {
+                n.metadata
+                    .annotations
+                    .and_then(|mut a| a.remove(crate::health::CLEAR_ANNOTATION))
+            }),
+            Err(err) => {
+                tracing::warn!(error = %nvdra_kubelet_plugin::error::error_chain(&err), "cannot read the Node for health clear requests; retrying");
+                continue;
+            }
+        };
+        if let Some(request) = request {
+            let driver = Arc::clone(&driver);
+            let _ = tokio::task::spawn_blocking(move || driver.clear_health_taints(&request)).await;
+        }
+    }
+}
+
+/// How often the agent looks for a health clear request on its Node.
+const HEALTH_CLEAR_POLL: Duration = Duration::from_secs(5);
 
 /// Starts the `compute-domain.nvidia.com` driver and builds its plugin (not yet serving).
 fn start_compute_domain_plugin(
@@ -541,10 +582,6 @@ fn init_logging(args: &Args) -> Result<(), Error> {
     installed.map_err(|err| Error::InitLogging(err.to_string()))
 }
 
-/// Gates upstream has whose features this build lacks. Starting with one
-/// on would silently run without the feature, so the agent refuses to.
-const UNIMPLEMENTED_GATES: [FeatureGate; 1] = [FeatureGate::NVMLDeviceHealthCheck];
-
 /// The MPS control daemons when `MPSSupport` is on; `None` (MPS claims then
 /// fail naming why) when the driver root has no `nvidia-cuda-mps-control`.
 fn mps_daemons(args: &Args, plugin_data_dir: &Path) -> Option<Arc<MpsDaemons>> {
@@ -599,11 +636,6 @@ fn supervise_mps(daemons: Arc<MpsDaemons>) -> Result<(), Error> {
         })
         .map(|_| ())
         .map_err(Error::SpawnMpsSupervisor)
-}
-
-/// The first enabled gate of [`UNIMPLEMENTED_GATES`].
-fn unimplemented_gate(gates: &FeatureGates) -> Option<FeatureGate> {
-    UNIMPLEMENTED_GATES.into_iter().find(|g| gates.enabled(*g))
 }
 
 fn builtin_profiles() -> String {
@@ -728,41 +760,5 @@ async fn cleanup_loop<T: crate::cleanup::CleanupTarget>(
         ticker.tick().await;
         let report = crate::cleanup::cleanup_stale_claims(driver.as_ref(), &client).await;
         tracing::debug!(?report, "stale-claim clean-up pass done");
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn gates_without_their_feature_are_refused() {
-        assert_eq!(unimplemented_gate(&FeatureGates::default()), None);
-        let on = FeatureGates::default()
-            .with(FeatureGate::TimeSlicingSettings, true)
-            .with(FeatureGate::DynamicMIG, true);
-        assert_eq!(unimplemented_gate(&on), None);
-        let mps = on
-            .with(FeatureGate::DynamicMIG, false)
-            .with(FeatureGate::MPSSupport, true);
-        assert_eq!(unimplemented_gate(&mps), None);
-        let passthrough = mps.with(FeatureGate::PassthroughSupport, true);
-        assert_eq!(unimplemented_gate(&passthrough), None);
-        let health = passthrough
-            .with(FeatureGate::PassthroughSupport, false)
-            .with(FeatureGate::NVMLDeviceHealthCheck, true);
-        assert_eq!(
-            unimplemented_gate(&health),
-            Some(FeatureGate::NVMLDeviceHealthCheck)
-        );
-        assert_eq!(
-            Error::UnimplementedGate {
-                gate: "NVMLDeviceHealthCheck"
-            }
-            .to_string(),
-            "feature gate NVMLDeviceHealthCheck is enabled, but nvdra does not implement it yet; \
-             turn it off (--feature-gates=NVMLDeviceHealthCheck=false, Helm value \
-             featureGates.NVMLDeviceHealthCheck=false)"
-        );
     }
 }

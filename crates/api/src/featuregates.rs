@@ -205,10 +205,11 @@ const DEPENDENCIES: &[(FeatureGate, FeatureGate)] = &[
     (FeatureGate::DeviceMetadata, FeatureGate::PassthroughSupport),
 ];
 
-/// Pairs that must not both be enabled.
+/// Pairs that must not both be enabled. Unlike upstream, DynamicMIG works
+/// with NVMLDeviceHealthCheck (events on created MIG devices taint their
+/// partitions).
 const EXCLUSIONS: &[(FeatureGate, FeatureGate)] = &[
     (FeatureGate::DynamicMIG, FeatureGate::PassthroughSupport),
-    (FeatureGate::DynamicMIG, FeatureGate::NVMLDeviceHealthCheck),
     (FeatureGate::DynamicMIG, FeatureGate::MPSSupport),
     (
         FeatureGate::PassthroughSupport,
@@ -429,6 +430,10 @@ mod tests {
                 "ContextualLogging=true,DynamicMIG=true",
                 &[(DynamicMIG, true)],
             ),
+            (
+                "DynamicMIG=true,NVMLDeviceHealthCheck=true",
+                &[(DynamicMIG, true), (NVMLDeviceHealthCheck, true)],
+            ),
             // AllAlpha / AllBeta cover the unnamed gates of their stage; explicit entries win
             // wherever they appear.
             (
@@ -529,12 +534,6 @@ mod tests {
             (
                 "DynamicMIG=true,PassthroughSupport=true",
                 "feature gates DynamicMIG and PassthroughSupport are mutually exclusive; \
-                 enable at most one"
-                    .into(),
-            ),
-            (
-                "DynamicMIG=true,NVMLDeviceHealthCheck=true",
-                "feature gates DynamicMIG and NVMLDeviceHealthCheck are mutually exclusive; \
                  enable at most one"
                     .into(),
             ),

@@ -160,6 +160,11 @@ const MOCK_NVML_SCENARIOS: &[(&str, Scenario, u64)] = &[
         |e| Box::pin(e2e::mocknvml::mps_shares_a_gpu(e)),
         180,
     ),
+    (
+        "xid_taints_a_device",
+        |e| Box::pin(e2e::mocknvml::xid_taints_a_device(e)),
+        120,
+    ),
 ];
 
 fn main() -> ExitCode {
@@ -379,7 +384,8 @@ fn mock_nvml_spec() -> ClusterSpec {
         // MPS daemons share the agent's /dev/shm here: the e2e does not
         // assume it may mount (crates/agent/tests/mps.rs covers the tmpfs).
         agent_extra: vec![
-            "--feature-gates=TimeSlicingSettings=true,MPSSupport=true".into(),
+            "--feature-gates=TimeSlicingSettings=true,MPSSupport=true,NVMLDeviceHealthCheck=true"
+                .into(),
             "--mps-private-shm=false".into(),
         ],
         controllers: 0,

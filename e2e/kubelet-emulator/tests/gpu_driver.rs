@@ -63,6 +63,7 @@ fn driver(data: &Path, cdi: &Path) -> GpuDriver {
         metrics: Metrics::new(&prometheus::Registry::new(), DRIVER, NODE).unwrap(),
         mps: None,
         vfio: None,
+        health: None,
     };
     GpuDriver::start(config).unwrap().0
 }

@@ -148,6 +148,7 @@ pub fn config_at(
         metrics: Metrics::new(&registry, DRIVER, NODE).unwrap(),
         mps: None,
         vfio: None,
+        health: None,
     };
     (config, registry)
 }

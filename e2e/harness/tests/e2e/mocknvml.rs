@@ -362,6 +362,99 @@ spec:
     .await
 }
 
+/// Device health on the NVML node (the cluster runs with
+/// `NVMLDeviceHealthCheck`): an Xid written to the mock library's events
+/// file reaches the agent through NVML's event API and taints that GPU in
+/// the ResourceSlice; the real scheduler then gives a new claim another
+/// GPU. Annotating the Node with the device clears the taint.
+pub async fn xid_taints_a_device(env: Arc<Env>) -> Result<()> {
+    let gpu_device = |d: &Value| d["attributes"]["type"]["string"] == "gpu";
+    let devices = published(&env, NVML_NODE).await?;
+    // The scheduler tries devices in slice order: taint the first GPU.
+    let (name, device) = devices
+        .iter()
+        .filter(|((driver, _), d)| driver == "gpu.nvidia.com" && gpu_device(d))
+        .map(|((_, name), d)| (name.clone(), d))
+        .next()
+        .context("the NVML node publishes no full GPU")?;
+    let uuid = device["attributes"]["uuid"]["string"]
+        .as_str()
+        .context("a GPU without a uuid")?
+        .to_owned();
+    let driver_root = env.cluster.node_dirs(NVML_NODE).dir.join("driver-root");
+    let event = nvdra_gpu::health::HealthEvent::gpu(
+        uuid.clone(),
+        nvdra_gpu::health::HealthEventKind::Xid(79),
+    );
+    nvdra_nvml_mock::config::append_event(
+        &nvdra_nvml_mock::layout::events_file(&driver_root),
+        &event,
+    )
+    .map_err(anyhow::Error::msg)?;
+    let taint_of = |devices: &BTreeMap<(String, String), Value>| {
+        devices
+            .get(&("gpu.nvidia.com".to_owned(), name.clone()))
+            .map(|d| d["taints"].clone())
+            .unwrap_or(Value::Null)
+    };
+    nvdra_e2e::wait::until(
+        Duration::from_secs(30),
+        &format!("{name} to be tainted with Xid 79"),
+        || async {
+            let taints = taint_of(&published(&env, NVML_NODE).await?);
+            Ok(taints[0]["key"] == "gpu.nvidia.com/xid"
+                && taints[0]["value"] == "79"
+                && taints[0]["effect"] == "NoSchedule")
+        },
+    )
+    .await?;
+
+    let ns = env.namespace("e2e-health").await?;
+    env.apply(&format!(
+        "apiVersion: resource.k8s.io/v1
+kind: ResourceClaim
+metadata: {{ namespace: {ns}, name: healthy-gpu }}
+spec:
+  devices:
+    requests:
+    - name: gpu
+      exactly: {{ deviceClassName: gpu.nvidia.com }}
+"
+    ))?;
+    env.create_pod(
+        &ns,
+        "avoids",
+        &[("gpu", "claim", "healthy-gpu")],
+        Some(NVML_NODE),
+    )
+    .await?;
+    let pod = env.running(&ns, "avoids", RUNNING).await?;
+    let claim = env.pod_claim(&pod, "gpu").await?;
+    let got = the_device_from(&claim, NVML_NODE)?;
+    ensure!(got != name, "the scheduler allocated the tainted {name}");
+    env.delete_pod(&ns, "avoids", Duration::from_secs(60))
+        .await?;
+
+    // The operator clears it.
+    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(env.client.clone());
+    let patch = serde_json::json!({"metadata": {"annotations": {
+        "gpu.nvidia.com/clear-health-taints": name,
+    }}});
+    nodes
+        .patch(
+            NVML_NODE,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&patch),
+        )
+        .await?;
+    nvdra_e2e::wait::until(
+        Duration::from_secs(30),
+        &format!("the taint of {name} to be cleared"),
+        || async { Ok(taint_of(&published(&env, NVML_NODE).await?).is_null()) },
+    )
+    .await
+}
+
 /// The node of the passthrough cluster: an H100 node on the mock library.
 pub const PASSTHROUGH_NODE: &str = "vfio-h100";
 
