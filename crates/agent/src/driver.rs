@@ -59,6 +59,7 @@ use std::time::Instant;
 use k8s_openapi::api::resource::v1::{Device, DeviceRequestAllocationResult};
 use nvdra_gpu::GpuBackend;
 use nvdra_kubelet_plugin::error::error_chain;
+use nvdra_kubelet_plugin::resource_health;
 use nvdra_kubelet_plugin::resourceslice::{NodeResources, Publisher};
 use nvdra_kubelet_plugin::{
     ClaimError, ClaimRef, DraDriver, PrepareClaim, PrepareResults, UnprepareResults,
@@ -233,6 +234,8 @@ struct Health {
     state: Mutex<HealthState>,
     store: HealthStore,
     options: HealthOptions,
+    /// What the kubelet's resource-health stream serves.
+    feed: tokio::sync::watch::Sender<Vec<resource_health::DeviceHealth>>,
 }
 
 impl Health {
@@ -388,6 +391,7 @@ impl GpuDriver {
                 state: Mutex::new(HealthStore::new(&plugin_data_dir).load()),
                 store: HealthStore::new(&plugin_data_dir),
                 options,
+                feed: tokio::sync::watch::Sender::new(Vec::new()),
             }),
             devices,
             published,
@@ -453,6 +457,14 @@ impl GpuDriver {
             .spawn(move || health_loop(&shared, &watch))
             .map(|_| ())
             .map_err(Error::SpawnHealth)
+    }
+
+    /// The device health the kubelet's resource-health stream serves;
+    /// `None` without `NVMLDeviceHealthCheck`.
+    pub fn health_feed(&self) -> Option<resource_health::HealthFeed> {
+        let health = self.shared.health.as_ref()?;
+        self.shared.republish();
+        Some(health.feed.subscribe())
     }
 
     /// Acts on the value of the Node's clear annotation
@@ -668,8 +680,10 @@ impl Shared {
     }
 
     /// Publishes [`Self::node_resources`] again when what is published can
-    /// change (devices with siblings, device health).
+    /// change (devices with siblings, device health), and updates the
+    /// resource-health stream.
     fn republish(&self) {
+        self.refresh_health_feed();
         if self.siblings.is_empty() && self.health.is_none() {
             return;
         }
@@ -677,6 +691,22 @@ impl Shared {
             && let Err(err) = publisher.publish(self.node_resources())
         {
             tracing::warn!(error = %error_chain(&err), "cannot republish the node's devices");
+        }
+    }
+
+    /// Sends the resource-health stream the current health, stamped now
+    /// (the kubelet treats a report older than its timeout as unknown, so
+    /// the health loop refreshes it every few seconds).
+    fn refresh_health_feed(&self) {
+        if let Some(health) = &self.health {
+            let state = health.lock().clone();
+            let devices = crate::health::stream_report(
+                &self.node_name,
+                self.devices.keys(),
+                &state,
+                now_seconds(),
+            );
+            health.feed.send_replace(devices);
         }
     }
 
@@ -895,6 +925,7 @@ fn health_loop(shared: &Shared, watch: &nvdra_gpu::health::HealthWatch) {
                 }
             }
             Ok(None) => {
+                shared.refresh_health_feed();
                 let lost_since = health
                     .lock()
                     .taints

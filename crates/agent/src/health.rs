@@ -236,6 +236,44 @@ pub fn static_mig_device(
     })
 }
 
+/// The kubelet's view of `devices` (the resource-health stream): a device
+/// with a `NoSchedule` or `NoExecute` taint is unhealthy, with its taints
+/// as the message; every other device is healthy. `now` stamps the report.
+pub fn stream_report<'a>(
+    pool: &str,
+    devices: impl IntoIterator<Item = &'a String>,
+    state: &HealthState,
+    now: i64,
+) -> Vec<nvdra_kubelet_plugin::resource_health::DeviceHealth> {
+    use nvdra_kubelet_plugin::resource_health::{DeviceHealth, Health};
+    devices
+        .into_iter()
+        .map(|device| {
+            let taints = state.taints.get(device);
+            let failing: Vec<String> = taints
+                .into_iter()
+                .flatten()
+                .filter(|(_, t)| t.effect == "NoSchedule" || t.effect == "NoExecute")
+                .map(|(key, t)| match &t.value {
+                    Some(value) => format!("{key}={value}"),
+                    None => key.clone(),
+                })
+                .collect();
+            DeviceHealth {
+                pool: pool.to_owned(),
+                device: device.clone(),
+                health: if failing.is_empty() {
+                    Health::Healthy
+                } else {
+                    Health::Unhealthy
+                },
+                message: failing.join(", "),
+                last_updated: now,
+            }
+        })
+        .collect()
+}
+
 /// Where the health state is saved.
 #[derive(Debug, Clone)]
 pub struct HealthStore {
@@ -354,6 +392,37 @@ mod tests {
         assert_eq!(state.clear_request("gpu-0@2"), names(&["gpu-0"]));
         assert_eq!(state.clear_request("all"), names(&["gpu-1"]));
         assert!(state.taints.is_empty());
+    }
+
+    #[test]
+    fn the_kubelet_sees_blocking_taints_as_unhealthy() {
+        use nvdra_kubelet_plugin::resource_health::Health;
+        let mut state = HealthState::default();
+        let xid = HealthEvent::gpu("GPU-a", HealthEventKind::Xid(79));
+        state.record(&xid, &names(&["gpu-0"]), &ignored(), 1);
+        state.unmonitored(&names(&["gpu-1"]), 1);
+        let all = names(&["gpu-0", "gpu-1", "gpu-2"]);
+        let report = stream_report("node-a", &all, &state, 9);
+        let got: Vec<(&str, Health, &str, i64)> = report
+            .iter()
+            .map(|d| {
+                (
+                    d.device.as_str(),
+                    d.health,
+                    d.message.as_str(),
+                    d.last_updated,
+                )
+            })
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("gpu-0", Health::Unhealthy, "gpu.nvidia.com/xid=79", 9),
+                ("gpu-1", Health::Healthy, "", 9),
+                ("gpu-2", Health::Healthy, "", 9),
+            ]
+        );
+        assert!(report.iter().all(|d| d.pool == "node-a"));
     }
 
     #[test]

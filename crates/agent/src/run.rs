@@ -350,6 +350,9 @@ async fn start_gpu_plugin(
             "claim-cleanup",
             cleanup_loop(Arc::clone(&driver), client.clone(), args.cleanup_interval),
         );
+    if let Some(feed) = driver.health_feed() {
+        builder = builder.device_health(feed);
+    }
     if args
         .feature_gates
         .enabled(FeatureGate::NVMLDeviceHealthCheck)

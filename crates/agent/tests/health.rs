@@ -105,6 +105,16 @@ fn events_taint_their_gpus_and_the_annotation_clears_them() {
     assert_eq!(now[&name(1)], ["gpu.nvidia.com/xid=13:None"]);
     assert_eq!(now[&name(2)], ["gpu.nvidia.com/ecc=double-bit:NoSchedule"]);
     assert!(!now.contains_key(&name(3)), "single-bit ECC is corrected");
+    // The kubelet's resource-health stream says the same.
+    let feed = driver.health_feed().expect("a health feed");
+    let report = feed.borrow().clone();
+    let unhealthy: Vec<&str> = report
+        .iter()
+        .filter(|d| d.health == nvdra_kubelet_plugin::resource_health::Health::Unhealthy)
+        .map(|d| d.device.as_str())
+        .collect();
+    assert_eq!(unhealthy, [name(0).as_str(), name(2).as_str()]);
+    assert_eq!(report.len(), 8);
 
     // The operator clears GPU 0; the same request again does nothing.
     assert_eq!(driver.clear_health_taints(&name(0)), [name(0)]);

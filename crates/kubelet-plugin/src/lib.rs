@@ -60,6 +60,7 @@ pub mod health;
 pub mod plugin;
 pub mod proto;
 pub mod registration;
+pub mod resource_health;
 pub mod resourceslice;
 pub mod serialize;
 pub mod socket;

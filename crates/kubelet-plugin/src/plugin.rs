@@ -44,9 +44,11 @@ use crate::dra::{DraCore, DraV1, DraV1beta1};
 use crate::driver::DraDriver;
 use crate::error::{BoxError, Error, error_chain};
 use crate::health::{self, HealthState, Liveness, Readiness, ReadinessCheck};
+use crate::proto::health_v1alpha1::dra_resource_health_server::DraResourceHealthServer;
 use crate::proto::registration::registration_server::RegistrationServer;
 use crate::proto::{dra_v1, dra_v1beta1};
 use crate::registration::{self, RegistrationService, RegistrationState};
+use crate::resource_health;
 use crate::resourceslice::{self, Publisher, PublisherTask};
 use crate::serialize::Serializer;
 use crate::socket::{self, SocketFile};
@@ -86,6 +88,7 @@ pub struct KubeletPluginBuilder<D> {
     claim_lookup_timeout: Duration,
     critical_tasks: Vec<CriticalTask>,
     slices: Option<(kube::Client, resourceslice::Config)>,
+    device_health: Option<resource_health::HealthFeed>,
 }
 
 impl<D: DraDriver> KubeletPluginBuilder<D> {
@@ -181,6 +184,13 @@ impl<D: DraDriver> KubeletPluginBuilder<D> {
         self
     }
 
+    /// Serves the kubelet's resource-health stream
+    /// ([`resource_health`]) from `feed` and advertises it at registration.
+    pub fn device_health(mut self, feed: resource_health::HealthFeed) -> Self {
+        self.device_health = Some(feed);
+        self
+    }
+
     /// Publishes this node's ResourceSlices with `client`: the driver hands
     /// its devices to [`KubeletPlugin::slice_publisher`]; the plugin runs the
     /// publisher task, re-syncs it whenever the kubelet registers the plugin
@@ -261,6 +271,7 @@ impl<D: DraDriver> KubeletPluginBuilder<D> {
             claim_lookup_timeout: self.claim_lookup_timeout,
             critical_tasks: self.critical_tasks,
             slices,
+            device_health: self.device_health,
         })
     }
 }
@@ -313,6 +324,7 @@ pub struct KubeletPlugin<D> {
     claim_lookup_timeout: Duration,
     critical_tasks: Vec<CriticalTask>,
     slices: Option<SlicePublishing>,
+    device_health: Option<resource_health::HealthFeed>,
 }
 
 /// Name of the `/readyz` check of the ResourceSlice publisher.
@@ -346,6 +358,7 @@ impl<D: DraDriver> KubeletPlugin<D> {
             claim_lookup_timeout: DEFAULT_CLAIM_LOOKUP_TIMEOUT,
             critical_tasks: Vec::new(),
             slices: None,
+            device_health: None,
         }
     }
 
@@ -434,6 +447,10 @@ impl<D: DraDriver> KubeletPlugin<D> {
             serializer,
             self.claim_lookup_timeout,
         ));
+        let health_service = self
+            .device_health
+            .map(|feed| DraResourceHealthServer::new(resource_health::HealthService::new(feed)));
+        let advertise_health = health_service.is_some();
         let dra_server = tonic::transport::Server::builder()
             .add_service(dra_v1::dra_plugin_server::DraPluginServer::new(DraV1(
                 Arc::clone(&core),
@@ -441,6 +458,7 @@ impl<D: DraDriver> KubeletPlugin<D> {
             .add_service(dra_v1beta1::dra_plugin_server::DraPluginServer::new(
                 DraV1beta1(core),
             ))
+            .add_optional_service(health_service)
             .serve_with_incoming_shutdown(UnixListenerStream::new(dra_listener), stopped());
         servers.spawn("dra", async move {
             dra_server.await.map_err(|source| Error::Serve {
@@ -453,12 +471,15 @@ impl<D: DraDriver> KubeletPlugin<D> {
         let (mut registration_socket, registration_listener) =
             SocketFile::bind(&self.registration_socket)?;
         let registration_server = tonic::transport::Server::builder()
-            .add_service(RegistrationServer::new(RegistrationService::new(
-                &self.driver_name,
-                &self.dra_endpoint,
-                self.registration_tx,
-                self.registration_check,
-            )))
+            .add_service(RegistrationServer::new(
+                RegistrationService::new(
+                    &self.driver_name,
+                    &self.dra_endpoint,
+                    self.registration_tx,
+                    self.registration_check,
+                )
+                .with_services(advertise_health.then_some(resource_health::SERVICE)),
+            ))
             .serve_with_incoming_shutdown(
                 UnixListenerStream::new(registration_listener),
                 stopped(),

@@ -82,6 +82,16 @@ impl RegistrationService {
     }
 }
 
+impl RegistrationService {
+    /// Also advertises `services` (e.g. the resource-health stream).
+    pub fn with_services<'a>(mut self, services: impl IntoIterator<Item = &'a str>) -> Self {
+        self.info
+            .supported_versions
+            .extend(services.into_iter().map(str::to_owned));
+        self
+    }
+}
+
 #[tonic::async_trait]
 impl Registration for RegistrationService {
     async fn get_info(

@@ -58,6 +58,85 @@ async fn get_info_reports_exact_fields() {
     running.stop().await.unwrap();
 }
 
+/// The resource-health stream: advertised at registration only when the
+/// driver offers it, served on the DRA socket, the whole list at once and
+/// again after each change, ending when the driver drops its feed.
+#[tokio::test]
+async fn resource_health_stream_serves_the_drivers_feed() {
+    use nvdra_kubelet_plugin::proto::health_v1alpha1::{
+        HealthStatus, NodeWatchResourcesRequest,
+        dra_resource_health_client::DraResourceHealthClient,
+    };
+    use nvdra_kubelet_plugin::resource_health::{DeviceHealth, Health};
+    init_tracing();
+    let dirs = Dirs::new();
+    let device = |name: &str, health: Health| DeviceHealth {
+        pool: "node-a".into(),
+        device: name.into(),
+        health,
+        message: String::new(),
+        last_updated: 1,
+    };
+    let (feed, rx) = tokio::sync::watch::channel(vec![
+        device("gpu-0", Health::Healthy),
+        device("gpu-1", Health::Healthy),
+    ]);
+    let plugin = builder(&dirs, Arc::new(TestDriver::default()))
+        .claim_reader(InMemoryClaimReader::new())
+        .device_health(rx)
+        .build()
+        .unwrap();
+    let running = Running::start(plugin).await;
+    let info = running
+        .registration()
+        .await
+        .get_info(info_request())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        info.supported_versions,
+        [
+            "v1.DRAPlugin",
+            "v1beta1.DRAPlugin",
+            "v1alpha1.DRAResourceHealth"
+        ]
+    );
+
+    let mut client = DraResourceHealthClient::new(channel(&running.dra_socket).await);
+    let mut stream = client
+        .node_watch_resources(NodeWatchResourcesRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let statuses = |r: nvdra_kubelet_plugin::proto::health_v1alpha1::NodeWatchResourcesResponse| {
+        r.devices
+            .into_iter()
+            .map(|d| (d.device.unwrap().device_name, d.health))
+            .collect::<Vec<_>>()
+    };
+    let first = stream.message().await.unwrap().unwrap();
+    assert_eq!(
+        statuses(first),
+        [
+            ("gpu-0".to_owned(), HealthStatus::Healthy as i32),
+            ("gpu-1".to_owned(), HealthStatus::Healthy as i32)
+        ]
+    );
+    feed.send_replace(vec![
+        device("gpu-0", Health::Healthy),
+        device("gpu-1", Health::Unhealthy),
+    ]);
+    let second = stream.message().await.unwrap().unwrap();
+    assert_eq!(statuses(second)[1].1, HealthStatus::Unhealthy as i32);
+    drop(feed);
+    assert!(
+        stream.message().await.unwrap().is_none(),
+        "the stream ends with the feed"
+    );
+    running.stop().await.unwrap();
+}
+
 #[tokio::test]
 async fn registration_status_drives_readiness() {
     init_tracing();
