@@ -16,6 +16,7 @@ pub mod args;
 pub mod cdi;
 pub mod claims;
 pub mod container;
+pub mod device_health;
 pub mod dra;
 pub mod error;
 pub mod events;

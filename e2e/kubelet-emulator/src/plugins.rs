@@ -13,11 +13,12 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
 
+use crate::device_health::DeviceHealth;
 use crate::dra::DraClient;
 use crate::registry::{self, RegisteredPlugin};
 
@@ -53,6 +54,7 @@ pub struct Plugins {
     dir: PathBuf,
     state: Mutex<State>,
     changed: watch::Sender<u64>,
+    health: Arc<DeviceHealth>,
 }
 
 impl Plugins {
@@ -62,6 +64,7 @@ impl Plugins {
             dir: dir.to_owned(),
             state: Mutex::default(),
             changed: watch::channel(0).0,
+            health: Arc::new(DeviceHealth::default()),
         }
     }
 
@@ -126,6 +129,9 @@ impl Plugins {
             let driver = match result {
                 Ok(plugin) => {
                     let driver = plugin.driver.clone();
+                    if plugin.health {
+                        self.health.follow(&driver, plugin.endpoint.clone());
+                    }
                     state.drivers.insert(
                         driver.clone(),
                         Registered {
@@ -198,6 +204,11 @@ impl Plugins {
         if let Some(entry) = self.state().drivers.get_mut(driver) {
             entry.client = None;
         }
+    }
+
+    /// What the plugins say of their devices' health.
+    pub fn health(&self) -> &Arc<DeviceHealth> {
+        &self.health
     }
 
     /// The registered drivers, sorted.

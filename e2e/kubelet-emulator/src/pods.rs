@@ -230,12 +230,16 @@ enum End {
 enum Step {
     Update(Option<Update>),
     Woke(Wake),
+    /// A plugin reported new device health.
+    Health,
 }
 
 /// What a successful prepare produced.
 struct Prepared {
     /// What the pod's CDI devices (claims in pod order) add to its containers.
     edits: ContainerEdits,
+    /// ResourceClaim name → request → `driver/pool/device` → CDI IDs.
+    devices: BTreeMap<String, ClaimDevices>,
 }
 
 enum PrepareError {
@@ -257,6 +261,8 @@ pub struct PodWorker {
     /// Subscribed at start, so a registration while this pod was busy still
     /// wakes its next wait.
     plugins_rx: watch::Receiver<u64>,
+    /// Device health changes.
+    health_rx: watch::Receiver<u64>,
 }
 
 impl PodWorker {
@@ -269,6 +275,7 @@ impl PodWorker {
         let dir = node.pods_dir.join(&uid);
         let shutdown = node.shutdown.clone();
         let plugins_rx = node.plugins.subscribe();
+        let health_rx = node.plugins.health().subscribe();
         let mut worker = Self {
             node,
             rx,
@@ -278,6 +285,7 @@ impl PodWorker {
             dir,
             shutdown,
             plugins_rx,
+            health_rx,
         };
         worker.lifecycle().await;
     }
@@ -382,7 +390,10 @@ impl PodWorker {
         if names.is_empty() {
             let edits = ContainerEdits::default();
             self.record_edits(&edits);
-            return Ok(Prepared { edits });
+            return Ok(Prepared {
+                edits,
+                devices: BTreeMap::new(),
+            });
         }
         let ns = self.pod.metadata.namespace.clone().unwrap_or_default();
         let api: Api<ResourceClaim> = Api::namespaced(self.node.client.clone(), &ns);
@@ -480,12 +491,16 @@ impl PodWorker {
         self.record_edits(&edits);
         let path = self.dir.join(CDI_RECORD);
         let body = serde_json::to_vec_pretty(&record).unwrap_or_default();
+        let record = record.clone();
         if let Err(source) = std::fs::write(&path, body) {
             let err = crate::Error::WriteFile { path, source };
             tracing::warn!(error = %error_chain(&err), "record CDI devices");
         }
         tracing::info!(pod = %key(&self.pod), claims = names.len(), devices = cdi_ids.len(), "prepared dynamic resources");
-        Ok(Prepared { edits })
+        Ok(Prepared {
+            edits,
+            devices: record,
+        })
     }
 
     /// Writes [`EDITS_RECORD`]; a failure is only logged (the record is for tests).
@@ -500,7 +515,10 @@ impl PodWorker {
 
     /// Starts local containers and writes the first Running status.
     async fn start(&mut self, prepared: &Prepared) -> Running {
-        let mut running = Running::default();
+        let mut running = Running {
+            devices: prepared.devices.clone(),
+            ..Running::default()
+        };
         let spec = self.pod.spec.clone().unwrap_or_default();
         let existing = self
             .pod
@@ -685,13 +703,21 @@ impl PodWorker {
 
     /// Writes the status the views imply, if it differs from the pod's.
     async fn write_status(&mut self, running: &mut Running) {
-        let desired = podstatus::build(
+        let mut desired = podstatus::build(
             &self.pod,
             &running.views,
             running.failure.as_ref(),
             &running.ips,
             Timestamp::now(),
         );
+        let mut health = crate::device_health::container_status(
+            &self.pod,
+            &running.devices,
+            self.node.plugins.health(),
+        );
+        for status in desired.container_statuses.iter_mut().flatten() {
+            status.allocated_resources_status = health.remove(&status.name);
+        }
         let Some(body) = podstatus::patch(&self.pod, &desired) else {
             running.dirty = false;
             return;
@@ -747,15 +773,26 @@ impl PodWorker {
                 }
             }
             let retry = running.dirty.then_some(Duration::from_secs(1));
+            // A clone, as `wait` borrows the worker; the change is marked
+            // seen on the original when it is handled.
+            let mut health = self.health_rx.clone();
             let step = match running.updates.as_mut() {
                 Some(updates) => tokio::select! {
                     u = updates.recv() => Step::Update(u),
+                    _ = health.changed() => Step::Health,
                     wake = self.wait(retry, false) => Step::Woke(wake),
                 },
-                None => Step::Woke(self.wait(retry, false).await),
+                None => tokio::select! {
+                    _ = health.changed() => Step::Health,
+                    wake = self.wait(retry, false) => Step::Woke(wake),
+                },
             };
             match step {
                 Step::Woke(Wake::Timer) if running.dirty => self.write_status(running).await,
+                Step::Health => {
+                    self.health_rx.borrow_and_update();
+                    self.write_status(running).await;
+                }
                 Step::Woke(_) => {}
                 Step::Update(None) => running.updates = None,
                 Step::Update(Some(update)) => {
@@ -916,6 +953,8 @@ struct Running {
     dirty: bool,
     /// The pod's addresses.
     ips: Addresses,
+    /// Its prepared devices, for `allocatedResourcesStatus`.
+    devices: BTreeMap<String, ClaimDevices>,
 }
 
 impl Default for Running {
@@ -928,6 +967,7 @@ impl Default for Running {
             stop: watch::channel(None).0,
             dirty: false,
             ips: Addresses::loopback(),
+            devices: BTreeMap::new(),
         }
     }
 }

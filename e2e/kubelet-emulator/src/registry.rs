@@ -53,6 +53,8 @@ pub struct RegisteredPlugin {
     pub endpoint: PathBuf,
     /// The version chosen for DRA calls.
     pub version: DraVersion,
+    /// Whether it serves the resource-health stream.
+    pub health: bool,
 }
 
 /// The kubelet's rule: the first entry of the plugin's list that it supports;
@@ -79,6 +81,10 @@ pub fn validate(info: &PluginInfo) -> Result<RegisteredPlugin, Error> {
         driver: info.name.clone(),
         endpoint: PathBuf::from(&info.endpoint),
         version: choose_version(&info.name, &info.supported_versions)?,
+        health: info
+            .supported_versions
+            .iter()
+            .any(|v| v == "v1alpha1.DRAResourceHealth"),
     })
 }
 
@@ -252,7 +258,16 @@ mod tests {
                 driver: "gpu.nvidia.com".into(),
                 endpoint: "/var/lib/kubelet/plugins/gpu.nvidia.com/dra.sock".into(),
                 version: DraVersion::V1beta1,
+                health: false,
             }
+        );
+        assert!(
+            validate(&info(
+                "DRAPlugin",
+                &["v1.DRAPlugin", "v1alpha1.DRAResourceHealth"]
+            ))
+            .unwrap()
+            .health
         );
         assert_eq!(
             validate(&info("DevicePlugin", &["v1.DRAPlugin"]))

@@ -161,6 +161,7 @@ async fn emulator_registers_prepares_resolves_and_unprepares_the_gpu_driver() {
             driver: DRIVER.into(),
             endpoint: data.join("dra.sock"),
             version: DraVersion::V1,
+            health: false,
         }
     );
 

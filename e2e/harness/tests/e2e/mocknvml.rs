@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, ensure};
+use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::resource::v1::{ResourceClaim, ResourceSlice};
 use kube::Api;
 use kube::api::ListParams;
@@ -363,23 +364,43 @@ spec:
 }
 
 /// Device health on the NVML node (the cluster runs with
-/// `NVMLDeviceHealthCheck`): an Xid written to the mock library's events
-/// file reaches the agent through NVML's event API and taints that GPU in
-/// the ResourceSlice; the real scheduler then gives a new claim another
-/// GPU. Annotating the Node with the device clears the taint.
+/// `NVMLDeviceHealthCheck`): a pod runs on a GPU; an Xid for that GPU,
+/// written to the mock library's events file, reaches the agent through
+/// NVML's event API. The agent taints the device in the ResourceSlice, and
+/// its resource-health stream marks it unhealthy, which the kubelet shows in
+/// the running pod's `allocatedResourcesStatus`. The real scheduler gives a
+/// new claim another GPU. Annotating the Node with the device clears the
+/// taint and the pod's device is healthy again.
 pub async fn xid_taints_a_device(env: Arc<Env>) -> Result<()> {
-    let gpu_device = |d: &Value| d["attributes"]["type"]["string"] == "gpu";
+    let ns = env.namespace("e2e-health").await?;
+    let claim = |name: &str| {
+        format!(
+            "apiVersion: resource.k8s.io/v1
+kind: ResourceClaim
+metadata: {{ namespace: {ns}, name: {name} }}
+spec:
+  devices:
+    requests:
+    - name: gpu
+      exactly: {{ deviceClassName: gpu.nvidia.com }}
+"
+        )
+    };
+    env.apply(&claim("victim-gpu"))?;
+    env.create_pod(
+        &ns,
+        "victim",
+        &[("gpu", "claim", "victim-gpu")],
+        Some(NVML_NODE),
+    )
+    .await?;
+    let victim = env.running(&ns, "victim", RUNNING).await?;
+    let name = the_device_from(&env.pod_claim(&victim, "gpu").await?, NVML_NODE)?;
     let devices = published(&env, NVML_NODE).await?;
-    // The scheduler tries devices in slice order: taint the first GPU.
-    let (name, device) = devices
-        .iter()
-        .filter(|((driver, _), d)| driver == "gpu.nvidia.com" && gpu_device(d))
-        .map(|((_, name), d)| (name.clone(), d))
-        .next()
-        .context("the NVML node publishes no full GPU")?;
-    let uuid = device["attributes"]["uuid"]["string"]
-        .as_str()
-        .context("a GPU without a uuid")?
+    let uuid = devices
+        .get(&("gpu.nvidia.com".to_owned(), name.clone()))
+        .and_then(|d| d["attributes"]["uuid"]["string"].as_str())
+        .with_context(|| format!("{name} has no uuid"))?
         .to_owned();
     let driver_root = env.cluster.node_dirs(NVML_NODE).dir.join("driver-root");
     let event = nvdra_gpu::health::HealthEvent::gpu(
@@ -408,19 +429,34 @@ pub async fn xid_taints_a_device(env: Arc<Env>) -> Result<()> {
         },
     )
     .await?;
+    // The kubelet shows it in the running pod's status.
+    let resource_id = format!("gpu.nvidia.com/{NVML_NODE}/{name}");
+    let pods: Api<Pod> = Api::namespaced(env.client.clone(), &ns);
+    let health_in_pod = |want: &'static str| {
+        let pods = pods.clone();
+        let resource_id = resource_id.clone();
+        async move {
+            let pod = pods.get("victim").await?;
+            let status = serde_json::to_value(&pod.status)?;
+            let entries = &status["containerStatuses"][0]["allocatedResourcesStatus"];
+            Ok::<bool, anyhow::Error>(entries.as_array().into_iter().flatten().any(|e| {
+                e["name"] == "claim:gpu"
+                    && e["resources"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .any(|r| r["resourceID"] == resource_id.as_str() && r["health"] == want)
+            }))
+        }
+    };
+    nvdra_e2e::wait::until(
+        Duration::from_secs(30),
+        "the pod's status to show its device unhealthy",
+        || health_in_pod("Unhealthy"),
+    )
+    .await?;
 
-    let ns = env.namespace("e2e-health").await?;
-    env.apply(&format!(
-        "apiVersion: resource.k8s.io/v1
-kind: ResourceClaim
-metadata: {{ namespace: {ns}, name: healthy-gpu }}
-spec:
-  devices:
-    requests:
-    - name: gpu
-      exactly: {{ deviceClassName: gpu.nvidia.com }}
-"
-    ))?;
+    env.apply(&claim("healthy-gpu"))?;
     env.create_pod(
         &ns,
         "avoids",
@@ -429,8 +465,7 @@ spec:
     )
     .await?;
     let pod = env.running(&ns, "avoids", RUNNING).await?;
-    let claim = env.pod_claim(&pod, "gpu").await?;
-    let got = the_device_from(&claim, NVML_NODE)?;
+    let got = the_device_from(&env.pod_claim(&pod, "gpu").await?, NVML_NODE)?;
     ensure!(got != name, "the scheduler allocated the tainted {name}");
     env.delete_pod(&ns, "avoids", Duration::from_secs(60))
         .await?;
@@ -452,7 +487,14 @@ spec:
         &format!("the taint of {name} to be cleared"),
         || async { Ok(taint_of(&published(&env, NVML_NODE).await?).is_null()) },
     )
-    .await
+    .await?;
+    nvdra_e2e::wait::until(
+        Duration::from_secs(30),
+        "the pod's status to show its device healthy again",
+        || health_in_pod("Healthy"),
+    )
+    .await?;
+    env.delete_pod(&ns, "victim", Duration::from_secs(60)).await
 }
 
 /// The node of the passthrough cluster: an H100 node on the mock library.
