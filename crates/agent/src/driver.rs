@@ -219,6 +219,8 @@ pub(crate) struct Shared {
     vfio: Option<vfio::VfioHost>,
     siblings: BTreeMap<String, String>,
     publisher: OnceLock<Publisher>,
+    /// What was last handed to the publisher.
+    last_published: Mutex<Option<NodeResources>>,
     health: Option<Health>,
     devices: BTreeMap<String, AllocatableDevice>,
     published: Vec<Device>,
@@ -387,6 +389,7 @@ impl GpuDriver {
             vfio,
             siblings,
             publisher: OnceLock::new(),
+            last_published: Mutex::new(None),
             health: health.map(|options| Health {
                 state: Mutex::new(HealthStore::new(&plugin_data_dir).load()),
                 store: HealthStore::new(&plugin_data_dir),
@@ -463,7 +466,7 @@ impl GpuDriver {
     /// `None` without `NVMLDeviceHealthCheck`.
     pub fn health_feed(&self) -> Option<resource_health::HealthFeed> {
         let health = self.shared.health.as_ref()?;
-        self.shared.republish();
+        self.shared.refresh_health_feed();
         Some(health.feed.subscribe())
     }
 
@@ -486,12 +489,20 @@ impl GpuDriver {
         cleared
     }
 
-    /// Republishes through `publisher` after every batch that may have
-    /// changed which devices are hidden; the first publisher wins.
-    pub fn set_publisher(&self, publisher: Publisher) {
+    /// Publishes [`Self::node_resources`] through `publisher` now, and again
+    /// whenever they change (a device hidden or shown, a taint); the first
+    /// publisher wins.
+    pub fn set_publisher(
+        &self,
+        publisher: Publisher,
+    ) -> Result<(), nvdra_kubelet_plugin::resourceslice::Error> {
+        let resources = self.node_resources();
+        publisher.publish(resources.clone())?;
+        *self.shared.last_published() = Some(resources);
         if self.shared.publisher.set(publisher).is_err() {
             tracing::warn!("a publisher is already set; ignoring another");
         }
+        Ok(())
     }
 
     /// This node's name (and pool name).
@@ -679,19 +690,34 @@ impl Shared {
         }
     }
 
-    /// Publishes [`Self::node_resources`] again when what is published can
-    /// change (devices with siblings, device health), and updates the
-    /// resource-health stream.
+    /// Publishes [`Self::node_resources`] again when they changed (each
+    /// publish costs the publisher a LIST), and updates the resource-health
+    /// stream.
     fn republish(&self) {
         self.refresh_health_feed();
         if self.siblings.is_empty() && self.health.is_none() {
             return;
         }
-        if let Some(publisher) = self.publisher.get()
-            && let Err(err) = publisher.publish(self.node_resources())
-        {
-            tracing::warn!(error = %error_chain(&err), "cannot republish the node's devices");
+        let Some(publisher) = self.publisher.get() else {
+            return;
+        };
+        let resources = self.node_resources();
+        let mut last = self.last_published();
+        if last.as_ref() == Some(&resources) {
+            return;
         }
+        match publisher.publish(resources.clone()) {
+            Ok(()) => *last = Some(resources),
+            Err(err) => {
+                tracing::warn!(error = %error_chain(&err), "cannot republish the node's devices");
+            }
+        }
+    }
+
+    fn last_published(&self) -> MutexGuard<'_, Option<NodeResources>> {
+        self.last_published
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Sends the resource-health stream the current health, stamped now

@@ -370,10 +370,9 @@ async fn start_gpu_plugin(
             crate::metrics::follow_slice_status(status, metrics).await;
             tracing::info!("ResourceSlice publisher stopped; slice metrics no longer update");
         });
-        publisher
-            .publish(driver.node_resources())
+        driver
+            .set_publisher(publisher.clone())
             .map_err(Error::PublishDevices)?;
-        driver.set_publisher(publisher.clone());
         driver.watch_health().map_err(Error::StartDriver)?;
     }
     Ok(plugin)
