@@ -3,7 +3,8 @@
 //!
 //! Expected flow:
 //! 1. Fail fast when `COMPUTE_DOMAIN_UUID` is empty (the claim's CDI edits were not applied).
-//! 2. Merge-patch the own pod's `resource.nvidia.com/computeDomain.cliqueID` label.
+//! 2. Merge-patch the own pod's `resource.nvidia.com/computeDomain.cliqueID` label (with a
+//!    clique, concurrently with step 5; a failed patch ends the daemon after step 7).
 //! 3. Without a clique ID the node is not fabric-attached: idle until SIGTERM (`check` passes).
 //! 4. Render `/imexd/imexd.cfg` (from `/imexd/imexd.cfg.tmpl` when present) and write the
 //!    static `/imexd/nodes.cfg`.
@@ -88,9 +89,8 @@ pub async fn run(args: DaemonArgs) -> Result<(), Error> {
             }
         });
     }
-    label_pod(&client, &args).await?;
-
     if args.clique_id.is_empty() {
+        label_pod(&client, &args).await?;
         tracing::info!("no clique ID: not fabric-attached, nothing to run until SIGTERM");
         tokio::select! {
             _ = sigterm.recv() => {}
@@ -143,8 +143,15 @@ pub async fn run(args: DaemonArgs) -> Result<(), Error> {
         restart_at: None,
     };
     let mut cliques = clique_events(&state.api, &state.member.object_name()).boxed();
-    let pods: Api<Pod> = Api::namespaced(client, &args.pod_namespace);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &args.pod_namespace);
     let mut pod_events = pod_readiness(pods, &args.pod_name).boxed();
+    // Nothing here waits for the pod label (it lets tooling select a clique's pods), so it
+    // goes out alongside the join rather than before it: in a burst a pod patch takes about
+    // a second, and every daemon of the domain would start that much later.
+    let label = label_pod(&client, &args);
+    tokio::pin!(label);
+    let mut labelled = false;
+    let mut failed = None;
 
     loop {
         let retry = state.retry_at;
@@ -152,6 +159,14 @@ pub async fn run(args: DaemonArgs) -> Result<(), Error> {
         tokio::select! {
             _ = sigterm.recv() => { tracing::info!("SIGTERM: leaving the clique"); break }
             _ = sigint.recv() => { tracing::info!("SIGINT: leaving the clique"); break }
+            result = &mut label, if !labelled => {
+                labelled = true;
+                if let Err(err) = result {
+                    tracing::error!(error = %chain(&err), "leaving the clique");
+                    failed = Some(err);
+                    break;
+                }
+            }
             Some(view) = cliques.next() => {
                 if view.older_than(state.seen) {
                     tracing::debug!(version = ?view.version, seen = ?state.seen, "stale clique view");
@@ -191,7 +206,7 @@ pub async fn run(args: DaemonArgs) -> Result<(), Error> {
         }
     }
     state.shutdown().await;
-    Ok(())
+    failed.map_or(Ok(()), Err)
 }
 
 fn require(value: &str, flag: &'static str, env: &'static str) -> Result<(), Error> {
@@ -645,16 +660,17 @@ mod tests {
             18,
         );
         assert_eq!(got, Some(row("n2", 2, Readiness::Ready)));
-        // A newcomer fills the gap.
+        // A newcomer takes a free index, from its home on.
         let got = desired_row(
             &seen,
             &member("n3"),
-            "10.0.0.2",
+            "10.0.0.15",
             None,
             Readiness::NotReady,
             18,
         );
-        assert_eq!(got, Some(row("n3", 1, Readiness::NotReady)));
+        assert_eq!(index::home("n3", 18), 14);
+        assert_eq!(got, Some(row("n3", 14, Readiness::NotReady)));
         // With room for two, n2's index 2 is out of range: n2 and n3 compete for the one
         // free index and the smaller name wins it.
         assert_eq!(

@@ -6,16 +6,22 @@
 //! 1. An index is *held* by the row claiming it with the smallest node name; a row holding
 //!    its index keeps it.
 //! 2. Every other row (no index yet, or a lost duplicate) is *unplaced*. The unplaced rows,
-//!    sorted by node name, take the free indices (not held by anyone) in ascending order:
-//!    the k-th unplaced name gets the k-th free index.
+//!    in node-name order, each take the first index not yet taken at or after their
+//!    *home* index ([`home`], a fixed hash of the node name modulo the clique's size),
+//!    wrapping around.
 //!
 //! Existing members therefore keep their names (so `nvidia-imex` peers need not reconnect),
-//! gaps left by departed members are filled first, and because every daemon computes the
-//! same assignment from the same list, a burst of joiners settles in one round instead of
-//! moving up one index per round (the first rule we tried, "losers take the lowest free
-//! index", sent every loser to the same index again and took O(n) rounds under load). Rows
-//! a daemon has not seen yet can still collide with it; rule 1 settles that on the next
-//! round. The result is `None` when no free index is left for this node.
+//! and because every daemon computes the same assignment from the same list, a burst of
+//! joiners settles in one round. The home index is what keeps that round short: daemons that
+//! join at the same moment see the same list, and with "lowest free index" (upstream's rule,
+//! and our first) all of them picked the same index and all but one had to write again: in a
+//! 64-node domain a third of all clique writes were such moves, each one a contended write
+//! to the object every daemon of the clique writes, and a loser's `nvidia-imex` waits for
+//! it. Spread by name, simultaneous joiners mostly land on different indices. The index has
+//! no meaning beyond the DNS name it selects (`nodes.cfg` lists every name up to the
+//! maximum), so nothing needs it to be the lowest. Rows a daemon has not seen yet can still
+//! collide with it; rule 1 settles that on the next round. The result is `None` when no
+//! free index is left for this node.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -59,16 +65,36 @@ pub fn choose(
     {
         return Some(mine);
     }
-    // Rule 2: unplaced names, in order, take the free indices, in order.
+    // Rule 2: unplaced names, in order, take the first untaken index from their home on.
     let unplaced: BTreeSet<&str> = rows
         .iter()
         .filter(|(name, index)| index.is_none_or(|i| holder.get(&i) != Some(name)))
         .map(|(name, _)| *name)
         .collect();
-    let position = unplaced.iter().position(|n| *n == node)?;
-    (0..max_nodes)
-        .filter(|i| !holder.contains_key(i))
-        .nth(position)
+    let mut taken: BTreeSet<u32> = holder.into_keys().collect();
+    for name in unplaced {
+        let start = home(name, max_nodes);
+        let index = (0..max_nodes)
+            .map(|step| (start + step) % max_nodes)
+            .find(|i| !taken.contains(i))?;
+        if name == node {
+            return Some(index);
+        }
+        taken.insert(index);
+    }
+    None
+}
+
+/// Where `node` starts looking for a free index: FNV-1a of its name modulo `max_nodes` (a
+/// fixed function, so daemons of different builds agree on it).
+pub fn home(node: &str, max_nodes: u32) -> u32 {
+    if max_nodes == 0 {
+        return 0;
+    }
+    let hash = node.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    u32::try_from(hash % u64::from(max_nodes)).unwrap_or(0)
 }
 
 /// The index `node`'s own row carries among `daemons`, if it has a row with a usable one.
@@ -108,10 +134,12 @@ mod tests {
             u32,
             Option<u32>,
         );
+        // Home indices used below (max 4): n1 0, n2 1, n3 2, n9 0, a 0, e 0, z 1, d 3;
+        // (max 8): a 4, b 5, d 3, e 0.
         let cases: &[Case<'_>] = &[
-            ("first member", &[], "n1", None, 4, Some(0)),
+            ("first member takes its home", &[], "n3", None, 4, Some(2)),
             (
-                "new member takes lowest free",
+                "new member takes its home when free",
                 &[("n1", 0), ("n2", 1)],
                 "n3",
                 None,
@@ -119,7 +147,15 @@ mod tests {
                 Some(2),
             ),
             (
-                "new member fills a gap",
+                "home taken: the next free one, wrapping around",
+                &[("a", 3)],
+                "d",
+                None,
+                4,
+                Some(0),
+            ),
+            (
+                "new member fills a gap from its home on",
                 &[("n1", 0), ("n3", 2)],
                 "n9",
                 None,
@@ -159,7 +195,7 @@ mod tests {
                 Some(0),
             ),
             (
-                "duplicate: larger name re-picks",
+                "duplicate: larger name re-picks from its home",
                 &[("n1", 0), ("n2", 0)],
                 "n2",
                 Some(0),
@@ -177,10 +213,10 @@ mod tests {
             (
                 "duplicate of three: only the smallest keeps",
                 &[("n1", 2), ("n2", 2), ("n3", 2)],
-                "n2",
+                "n3",
                 Some(2),
                 4,
-                Some(0),
+                Some(3),
             ),
             (
                 "out-of-range current re-picks",
@@ -191,9 +227,9 @@ mod tests {
                 Some(1),
             ),
             (
-                "others without a usable index are unplaced too: names share out the free ones",
-                &[("n1", 9), ("n3", -1)],
-                "n2",
+                "an unplaced smaller name takes a shared home first",
+                &[("a", -1)],
+                "e",
                 None,
                 4,
                 Some(1),
@@ -201,10 +237,10 @@ mod tests {
             (
                 "a burst of joiners gets distinct indices in one round",
                 &[("a", 0), ("d", -1), ("b", -1), ("e", -1)],
-                "d",
+                "e",
                 None,
                 8,
-                Some(2),
+                Some(1),
             ),
             (
                 "losers of several duplicates spread over the free indices",
@@ -212,7 +248,7 @@ mod tests {
                 "e",
                 Some(0),
                 8,
-                Some(4),
+                Some(2),
             ),
             ("full", &[("a", 0), ("b", 1)], "c", None, 2, None),
             (
@@ -244,10 +280,60 @@ mod tests {
         let seen = rows(&[("n2", 0), ("n1", 0)]);
         let n1 = choose(&seen, "n1", own(&seen, "n1"), 18);
         let n2 = choose(&seen, "n2", own(&seen, "n2"), 18);
-        assert_eq!((n1, n2), (Some(0), Some(1)));
-        let settled = rows(&[("n1", 0), ("n2", 1)]);
+        assert_eq!((n1, n2), (Some(0), Some(home("n2", 18))));
+        let settled = rows(&[("n1", 0), ("n2", 15)]);
         assert_eq!(choose(&settled, "n1", Some(0), 18), Some(0));
-        assert_eq!(choose(&settled, "n2", Some(1), 18), Some(1));
+        assert_eq!(choose(&settled, "n2", Some(15), 18), Some(15));
+    }
+
+    #[test]
+    fn every_joiner_of_a_burst_reads_the_same_assignment() {
+        // A full rack joins at once: each daemon sees all rows, none placed yet.
+        let names: Vec<String> = (0..18).map(|i| format!("tray-{i:02}")).collect();
+        let burst: Vec<(&str, i64)> = names.iter().map(|n| (n.as_str(), -1)).collect();
+        let seen = rows(&burst);
+        let mut got: Vec<u32> = names
+            .iter()
+            .map(|n| choose(&seen, n, None, 18).unwrap())
+            .collect();
+        got.sort_unstable();
+        assert_eq!(got, (0..18).collect::<Vec<_>>());
+        // One more than fits: the largest name goes without.
+        let seen = rows(&[burst.as_slice(), &[("tray-99", -1)]].concat());
+        assert_eq!(choose(&seen, "tray-99", None, 18), None);
+    }
+
+    #[test]
+    fn simultaneous_joiners_mostly_pick_different_indices() {
+        // Each of a rack's trays joins seeing only the rows of the trays before it but
+        // one (its view lags one write): count how many must move afterwards.
+        let names: Vec<String> = (0..16).map(|i| format!("tray-{i:02}")).collect();
+        let mut placed: Vec<(String, i64)> = Vec::new();
+        for (k, name) in names.iter().enumerate() {
+            let visible: Vec<(&str, i64)> = placed[..k.saturating_sub(1)]
+                .iter()
+                .map(|(n, i)| (n.as_str(), *i))
+                .collect();
+            let index = choose(&rows(&visible), name, None, 18).unwrap();
+            placed.push((name.clone(), i64::from(index)));
+        }
+        let distinct: BTreeSet<i64> = placed.iter().map(|(_, i)| *i).collect();
+        // "Lowest free" gives every second tray the index of the one before it (8 moves).
+        assert!(
+            placed.len() - distinct.len() <= 2,
+            "{} collisions: {placed:?}",
+            placed.len() - distinct.len()
+        );
+    }
+
+    #[test]
+    fn home_is_a_fixed_function_of_the_name() {
+        // Pinned: daemons of different builds must agree.
+        assert_eq!(home("tray-00", 18), 4);
+        assert_eq!(home("tray-01", 18), 5);
+        assert_eq!(home("n3", 8), 6);
+        assert_eq!(home("anything", 1), 0);
+        assert_eq!(home("anything", 0), 0);
     }
 
     #[test]

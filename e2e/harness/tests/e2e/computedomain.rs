@@ -241,8 +241,10 @@ pub async fn four_node_domain(env: Arc<Env>) -> Result<()> {
         .flatten()
         .filter_map(|d| d["index"].as_i64())
         .collect();
+    // Four distinct indices below the default maximum of 18 (each daemon starts from a
+    // home index spread by its node's name, so not necessarily 0..=3).
     ensure!(
-        indices == BTreeSet::from([0, 1, 2, 3]),
+        indices.len() == 4 && indices.iter().all(|i| (0..18).contains(i)),
         "clique indices {indices:?}"
     );
 
