@@ -9,10 +9,11 @@
 //! 4. Render `/imexd/imexd.cfg` (from `/imexd/imexd.cfg.tmpl` when present) and write the
 //!    static `/imexd/nodes.cfg`.
 //! 5. Watch the clique object and the own pod. On every change: pick the index
-//!    ([`crate::index`]), apply the own row when it differs from what the server has
-//!    ([`crate::clique`]), rewrite the hosts block when the peer mapping changed
-//!    ([`crate::hosts`]), start `nvidia-imex` once the own row is in the mapping, and send it
-//!    SIGUSR1 on later mapping changes. The row's `status` follows the pod's Ready condition.
+//!    ([`crate::index`]), rewrite the hosts block when the peer mapping (the server's rows
+//!    with the own row as about to be published) changed ([`crate::hosts`]), start
+//!    `nvidia-imex` once the own row is in the mapping and send it SIGUSR1 on later mapping
+//!    changes, then apply the own row when it differs from what the server has
+//!    ([`crate::clique`]). The row's `status` follows the pod's Ready condition.
 //! 6. Restart `nvidia-imex` [`imex::WATCHDOG_DELAY`] after it exits.
 //! 7. On SIGTERM (or SIGINT): stop `nvidia-imex` and remove the own row, both within
 //!    [`SHUTDOWN_BUDGET`], log the conflict count, exit 0.
@@ -423,6 +424,22 @@ pub fn desired_row(
     })
 }
 
+/// `daemons` with the own row replaced by `own` (added if missing; unchanged if `None`).
+pub fn with_own_row(
+    daemons: &[ComputeDomainDaemonInfo],
+    own: Option<&ComputeDomainDaemonInfo>,
+) -> Vec<ComputeDomainDaemonInfo> {
+    let Some(own) = own else {
+        return daemons.to_vec();
+    };
+    daemons
+        .iter()
+        .filter(|d| d.node_name != own.node_name)
+        .chain(std::iter::once(own))
+        .cloned()
+        .collect()
+}
+
 struct State {
     events: PodEvents,
     /// `nvidia-imex` restarts since start.
@@ -453,26 +470,38 @@ struct State {
 
 impl State {
     async fn reconcile(&mut self) {
-        self.publish().await;
-        self.follow_peers().await;
-    }
-
-    /// Applies the own row if the server's copy differs from the desired one.
-    async fn publish(&mut self) {
-        let Some(row) = desired_row(
-            &self.daemons,
-            &self.member,
-            &self.pod_ip,
-            self.index,
-            self.ready,
-            self.max_nodes,
-        ) else {
+        // Peers and `nvidia-imex` follow the row we are about to publish, not the one the
+        // server has yet: in a burst the apply takes seconds, and the pod cannot turn Ready
+        // (which the row's status then follows) before `nvidia-imex` runs. Starting it first
+        // takes the probe's wait off the time to a Ready row.
+        let desired = self.desired();
+        self.follow_peers(desired.as_ref()).await;
+        let Some(row) = desired else {
             tracing::warn!(
                 max_nodes = self.max_nodes,
                 "no free index in the clique; waiting for one"
             );
             return;
         };
+        self.publish(row).await;
+        // The apply answered with the newest rows.
+        let desired = self.desired();
+        self.follow_peers(desired.as_ref()).await;
+    }
+
+    fn desired(&self) -> Option<ComputeDomainDaemonInfo> {
+        desired_row(
+            &self.daemons,
+            &self.member,
+            &self.pod_ip,
+            self.index,
+            self.ready,
+            self.max_nodes,
+        )
+    }
+
+    /// Applies `row` if the server's copy differs from it.
+    async fn publish(&mut self, row: ComputeDomainDaemonInfo) {
         let have = self.daemons.iter().find(|d| d.node_name == row.node_name);
         // Up to date, or a stale view of a row we already applied as
         // desired (a later event will show it): nothing to write. A view
@@ -517,8 +546,9 @@ impl State {
     }
 
     /// Rewrites the hosts block and starts or signals `nvidia-imex` when the mapping changed.
-    async fn follow_peers(&mut self) {
-        let mappings = hosts::mappings(&self.daemons, &self.member.clique_id, self.max_nodes);
+    async fn follow_peers(&mut self, own: Option<&ComputeDomainDaemonInfo>) {
+        let rows = with_own_row(&self.daemons, own);
+        let mappings = hosts::mappings(&rows, &self.member.clique_id, self.max_nodes);
         if self.written.as_ref() == Some(&mappings) {
             return;
         }
@@ -695,6 +725,34 @@ mod tests {
                 1
             ),
             None
+        );
+    }
+
+    #[test]
+    fn peers_follow_the_row_about_to_be_published() {
+        let seen = vec![
+            row("n1", 0, Readiness::Ready),
+            row("n2", 5, Readiness::NotReady),
+        ];
+        assert_eq!(with_own_row(&seen, None), seen);
+        // Not in the server's rows yet: added.
+        let mine = row("n3", 14, Readiness::NotReady);
+        assert_eq!(
+            with_own_row(&seen, Some(&mine)),
+            vec![seen[0].clone(), seen[1].clone(), mine.clone()]
+        );
+        // Moved to another index: the server's old row of ours is replaced, so the
+        // name it held is free again in the hosts block.
+        let moved = row("n2", 7, Readiness::NotReady);
+        let rows = with_own_row(&seen, Some(&moved));
+        assert_eq!(rows, vec![seen[0].clone(), moved]);
+        let names: Vec<String> = hosts::mappings(&rows, "c", 18)
+            .into_iter()
+            .map(|m| m.name)
+            .collect();
+        assert_eq!(
+            names,
+            ["compute-domain-daemon-0000", "compute-domain-daemon-0007"]
         );
     }
 

@@ -261,10 +261,11 @@ pub async fn four_node_domain(env: Arc<Env>) -> Result<()> {
             ));
         let text =
             std::fs::read_to_string(&log).with_context(|| format!("read {}", log.display()))?;
-        let full = text
-            .lines()
-            .filter(|l| l.contains("peers:"))
-            .any(|l| (0..4).all(|i| l.contains(&format!("compute-domain-daemon-{i:04}="))));
+        let full = text.lines().filter(|l| l.contains("peers:")).any(|l| {
+            indices
+                .iter()
+                .all(|i| l.contains(&format!("compute-domain-daemon-{i:04}=")))
+        });
         ensure!(
             full,
             "{}: nvidia-imex never saw all four peers:\n{text}",
