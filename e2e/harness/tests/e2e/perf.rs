@@ -255,6 +255,60 @@ fn busiest(
     })
 }
 
+/// The latest container start and Ready transition among the domain's daemon pods, in
+/// seconds after `since` (the API reports both in whole seconds).
+async fn daemon_milestones(
+    env: &Env,
+    cd: &nvdra_api::ComputeDomain,
+    since: std::time::SystemTime,
+) -> Result<serde_json::Value> {
+    let uid = cd.metadata.uid.clone().unwrap_or_default();
+    let pods: kube::Api<Pod> =
+        kube::Api::namespaced(env.client.clone(), nvdra_e2e::cluster::NAMESPACE);
+    let selector = format!("{}={uid}", nvdra_api::names::labels::COMPUTE_DOMAIN);
+    let list = pods
+        .list(&kube::api::ListParams::default().labels(&selector))
+        .await?;
+    let since = since
+        .duration_since(std::time::UNIX_EPOCH)
+        .context("clock before 1970")?
+        .as_secs_f64();
+    let after =
+        |t: &k8s_openapi::apimachinery::pkg::apis::meta::v1::Time| t.0.as_second() as f64 - since;
+    let latest = |values: Vec<f64>| values.into_iter().reduce(f64::max);
+    let started = latest(
+        list.items
+            .iter()
+            .filter_map(|p| {
+                let status = p.status.as_ref()?.container_statuses.as_ref()?.first()?;
+                status.state.as_ref()?.running.as_ref()?.started_at.as_ref()
+            })
+            .map(after)
+            .collect(),
+    );
+    let ready = latest(
+        list.items
+            .iter()
+            .filter_map(|p| {
+                p.status
+                    .as_ref()?
+                    .conditions
+                    .as_ref()?
+                    .iter()
+                    .find(|c| c.type_ == "Ready" && c.status == "True")?
+                    .last_transition_time
+                    .as_ref()
+            })
+            .map(after)
+            .collect(),
+    );
+    Ok(serde_json::json!({
+        "pods": list.items.len(),
+        "last_started_after_s": started,
+        "last_ready_after_s": ready,
+    }))
+}
+
 /// CD scenario 2: one ComputeDomain over every node of the scale cluster
 /// with four pods per node; time from the domain's creation to Ready and
 /// the 409 conflicts the API server answered on cliques meanwhile.
@@ -271,6 +325,7 @@ pub async fn compute_domain_scale(env: Arc<Env>) -> Result<()> {
     let requests_before = api_requests(&env)?;
     let conflicts_before = clique_conflicts(&requests_before);
     let started = Instant::now();
+    let started_wall = std::time::SystemTime::now();
     env.apply(&format!(
         "apiVersion: resource.nvidia.com/v1beta1
 kind: ComputeDomain
@@ -316,6 +371,7 @@ spec:
     .await?;
     let ready = started.elapsed();
     let requests_until_ready = busiest(&requests_before, &api_requests(&env)?, 15);
+    let daemons = daemon_milestones(&env, &cds.get("big").await?, started_wall).await?;
     let api = env.pods(&ns);
     nvdra_e2e::wait::until(Duration::from_secs(300), "every worker Running", || async {
         let list = api.list(&Default::default()).await?;
@@ -332,6 +388,10 @@ spec:
         "domain_ready_after_ms": ready.as_secs_f64() * 1000.0,
         "all_pods_running_after_ms": running.as_secs_f64() * 1000.0,
         "clique_conflicts_409": conflicts,
+        // When the last daemon container started and the last daemon pod turned Ready
+        // (from the pods' status, whole seconds): everything before the first is
+        // Kubernetes scheduling the workers and the DaemonSet's pods.
+        "daemons": daemons,
         // null: upstream's defaults (scheduler 50, controller-manager 20).
         "control_plane_client_qps": env.cluster.spec.client_qps,
         // What the API server served from creation to Ready (metrics reads included).
