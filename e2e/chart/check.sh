@@ -248,6 +248,11 @@ expect_same "daemons serve metrics on 8082 by default" '8082' \
 expect_same "daemonMetrics.enabled=false turns them off" '0' \
 	"$(ok_render --set controller.daemonMetrics.enabled=false --show-only templates/controller.yaml |
 		env_value CD_DAEMON_METRICS_PORT)"
+expect_same "daemon pods are system-node-critical by default" 'system-node-critical' \
+	"$(env_value CD_DAEMON_PRIORITY_CLASS_NAME <<<"$ctl")"
+expect_same "daemonPriorityClassName reaches the controller" 'high' \
+	"$(ok_render --set controller.daemonPriorityClassName=high --show-only templates/controller.yaml |
+		env_value CD_DAEMON_PRIORITY_CLASS_NAME)"
 daemon_rbac="$(ok_render --show-only templates/rbac-computedomain-daemon.yaml)"
 expect_same "daemon ServiceAccount (fixed name the DaemonSets use)" \
 	"compute-domain-daemon-service-account" "$(kind_names ServiceAccount <<<"$daemon_rbac")"

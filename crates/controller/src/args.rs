@@ -50,6 +50,16 @@ pub struct Args {
     #[arg(long, env = "CD_DAEMON_METRICS_PORT", default_value_t = 8082)]
     pub cd_daemon_metrics_port: u16,
 
+    /// PriorityClass of the IMEX daemon pods; empty for none. The daemons are node
+    /// infrastructure that every workload pod of a domain waits for: with a high priority the
+    /// scheduler places them ahead of pending workloads and never preempts them for one.
+    #[arg(
+        long,
+        env = "CD_DAEMON_PRIORITY_CLASS_NAME",
+        default_value = "system-node-critical"
+    )]
+    pub cd_daemon_priority_class_name: String,
+
     /// Largest IMEX domain (nodes per clique), passed to the daemons.
     #[arg(long, env = "MAX_NODES_PER_IMEX_DOMAIN", default_value_t = 18)]
     pub max_nodes_per_imex_domain: u32,
@@ -208,6 +218,7 @@ mod tests {
         assert_eq!(args.retry_period, Duration::from_secs(2));
         assert_eq!(args.metrics_path, "/metrics");
         assert_eq!(args.cd_daemon_metrics_port, 8082);
+        assert_eq!(args.cd_daemon_priority_class_name, "system-node-critical");
         assert_eq!(
             args.http_endpoint,
             Endpoint(Some("0.0.0.0:8080".parse().unwrap()))

@@ -5,7 +5,11 @@
 //! only on nodes carrying the per-domain label `resource.nvidia.com/computeDomain.<uid>=true`
 //! (set by the agent when a workload's channel claim is prepared there), tolerate every taint,
 //! run `nvdra-imex-daemon run` with the domain's daemon claim, and are probed with
-//! `nvdra-imex-daemon check` (readiness every 2 s so a domain turns Ready quickly).
+//! `nvdra-imex-daemon check` (readiness every 2 s so a domain turns Ready quickly). They carry
+//! a high PriorityClass (`system-node-critical` by default): every workload pod of the domain
+//! waits for its node's daemon, so the scheduler should place daemons ahead of pending
+//! workloads (in a 64-node burst they otherwise queued behind all 256 workers) and never
+//! preempt one for a workload.
 //!
 //! Invariants: the selector is `resource.nvidia.com/computeDomain=<uid>` and never changes (it
 //! is immutable on the API server); the same inputs give the same object, so re-applying is a
@@ -42,6 +46,8 @@ pub struct DaemonSettings {
     /// Port of the daemons' metrics endpoint (container port `metrics`, bound on the pod
     /// IP); `None` serves none.
     pub metrics_port: Option<u16>,
+    /// `priorityClassName` of the daemon pods.
+    pub priority_class_name: Option<String>,
 }
 
 /// Name of the daemon container's metrics port, for scrape configurations.
@@ -155,6 +161,7 @@ pub fn desired(domain_uid: &str, settings: &DaemonSettings) -> apps::DaemonSet {
                         "true".to_owned(),
                     )])),
                     service_account_name: Some(objects::DAEMON_SERVICE_ACCOUNT.to_owned()),
+                    priority_class_name: settings.priority_class_name.clone(),
                     image_pull_secrets: (!image_pull_secrets.is_empty())
                         .then_some(image_pull_secrets),
                     tolerations: Some(tolerations),
@@ -215,6 +222,7 @@ mod tests {
         let mut pod_spec = json!({
             "nodeSelector": {"resource.nvidia.com/computeDomain.uid-1": "true"},
             "serviceAccountName": "compute-domain-daemon-service-account",
+            "priorityClassName": "system-node-critical",
             "tolerations": [
                 {"operator": "Exists", "effect": "NoSchedule"},
                 {"operator": "Exists", "effect": "NoExecute"},
@@ -286,6 +294,19 @@ mod tests {
             let got = serde_json::to_value(desired("uid-1", &s)).unwrap();
             assert_eq!(got, expected(want), "{secrets:?}");
         }
+    }
+
+    #[test]
+    fn no_priority_class_leaves_the_field_out() {
+        let mut s = settings();
+        s.priority_class_name = None;
+        let got = serde_json::to_value(desired("uid-1", &s)).unwrap();
+        let mut want = expected(None);
+        want["spec"]["template"]["spec"]
+            .as_object_mut()
+            .unwrap()
+            .remove("priorityClassName");
+        assert_eq!(got, want);
     }
 
     #[test]

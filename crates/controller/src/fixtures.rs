@@ -41,6 +41,7 @@ pub fn settings() -> DaemonSettings {
         log_filter: "info".into(),
         log_format: nvdra_api::flags::LogFormat::Text,
         metrics_port: None,
+        priority_class_name: Some("system-node-critical".into()),
     }
 }
 

@@ -94,6 +94,8 @@ pub async fn run(args: Args) -> Result<(), Error> {
         log_filter: daemon_log_filter(&args.log_verbosity_cd_daemon),
         log_format: args.log_format,
         metrics_port: (args.cd_daemon_metrics_port != 0).then_some(args.cd_daemon_metrics_port),
+        priority_class_name: Some(args.cd_daemon_priority_class_name.clone())
+            .filter(|name| !name.is_empty()),
     };
     let identity = leader::identity(&args.pod_name);
     let recorder = Recorder::new(
