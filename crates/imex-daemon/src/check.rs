@@ -6,6 +6,7 @@
 //! answer within [`CTL_TIMEOUT`]) fails with the reason. This probes the local daemon, not the
 //! whole domain.
 
+use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -32,22 +33,28 @@ pub async fn check(args: &DaemonArgs) -> Result<Passed, Error> {
         return Ok(Passed::NoClique);
     }
     let program = rootfs::resolve(&args.container_root, &args.imex_ctl_bin);
-    let config = args.config_dir.join("imexd.cfg");
-    let output = tokio::process::Command::new(&program)
+    query(&program, &args.config_dir.join("imexd.cfg"), CTL_TIMEOUT).await
+}
+
+/// Asks the local IMEX daemon once (`program -c config -q`, `config` a container path passed
+/// as is), giving it `timeout` to answer. The daemon's own readiness checks
+/// ([`crate::readiness`]) ask the same question the probe does.
+pub async fn query(program: &Path, config: &Path, timeout: Duration) -> Result<Passed, Error> {
+    let output = tokio::process::Command::new(program)
         .arg("-c")
-        .arg(&config)
+        .arg(config)
         .arg("-q")
         .stdin(Stdio::null())
         .kill_on_drop(true)
         .output();
-    let output = tokio::time::timeout(CTL_TIMEOUT, output)
+    let output = tokio::time::timeout(timeout, output)
         .await
         .map_err(|_| Error::ImexCtlTimedOut {
-            program: program.clone(),
-            timeout: CTL_TIMEOUT,
+            program: program.to_owned(),
+            timeout,
         })?
         .map_err(|source| Error::RunImexCtl {
-            program: program.clone(),
+            program: program.to_owned(),
             source,
         })?;
     verdict(output.status, &output.stdout, &output.stderr)

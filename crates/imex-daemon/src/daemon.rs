@@ -13,8 +13,11 @@
 //!    with the own row as about to be published) changed ([`crate::hosts`]), start
 //!    `nvidia-imex` once the own row is in the mapping and send it SIGUSR1 on later mapping
 //!    changes, then apply the own row when it differs from what the server has
-//!    ([`crate::clique`]). The row's `status` follows the pod's Ready condition.
-//! 6. Restart `nvidia-imex` [`imex::WATCHDOG_DELAY`] after it exits.
+//!    ([`crate::clique`]). The row's `status` is the answer of the daemon's own last
+//!    `nvidia-imex-ctl` check ([`crate::readiness`]); the first apply waits for the first
+//!    answer after `nvidia-imex` started, so a daemon joins Ready in one write.
+//! 6. When `nvidia-imex` exits the row turns NotReady; it is restarted
+//!    [`imex::WATCHDOG_DELAY`] later.
 //! 7. On SIGTERM (or SIGINT): stop `nvidia-imex` and remove the own row, both within
 //!    [`SHUTDOWN_BUDGET`], log the conflict count, exit 0.
 //!
@@ -42,6 +45,7 @@ use crate::events::PodEvents;
 use crate::hosts::{self, Mapping};
 use crate::imex::{self, Imex};
 use crate::metrics::{self, Metrics};
+use crate::readiness::Checker;
 use crate::{config, index, rootfs};
 
 /// Everything that happens after SIGTERM must fit in this (upstream: entry removed within
@@ -141,11 +145,13 @@ pub async fn run(args: DaemonArgs) -> Result<(), Error> {
             rootfs::resolve(&args.container_root, &args.imex_bin),
             &config_path,
         ),
+        checker: Checker::new(
+            rootfs::resolve(&args.container_root, &args.imex_ctl_bin),
+            PathBuf::from(&config_path),
+        ),
         restart_at: None,
     };
     let mut cliques = clique_events(&state.api, &state.member.object_name()).boxed();
-    let pods: Api<Pod> = Api::namespaced(client.clone(), &args.pod_namespace);
-    let mut pod_events = pod_readiness(pods, &args.pod_name).boxed();
     // Nothing here waits for the pod label (it lets tooling select a clique's pods), so it
     // goes out alongside the join rather than before it: in a burst a pod patch takes about
     // a second, and every daemon of the domain would start that much later.
@@ -157,6 +163,7 @@ pub async fn run(args: DaemonArgs) -> Result<(), Error> {
     loop {
         let retry = state.retry_at;
         let restart = state.restart_at;
+        let check = state.checker.next();
         tokio::select! {
             _ = sigterm.recv() => { tracing::info!("SIGTERM: leaving the clique"); break }
             _ = sigint.recv() => { tracing::info!("SIGINT: leaving the clique"); break }
@@ -177,13 +184,8 @@ pub async fn run(args: DaemonArgs) -> Result<(), Error> {
                     state.reconcile().await;
                 }
             }
-            Some(ready) = pod_events.next() => {
-                if ready != state.ready {
-                    tracing::info!(status = ready.as_str(), "own pod readiness changed");
-                    state.ready = ready;
-                    state.reconcile().await;
-                }
-            }
+            () = sleep_until(check) => state.checker.spawn(),
+            ready = state.checker.answer() => state.readiness(ready).await,
             status = state.imex.exited() => {
                 let how = match status {
                     Ok(status) => format!("exited ({status})"),
@@ -194,6 +196,8 @@ pub async fn run(args: DaemonArgs) -> Result<(), Error> {
                 state.imex_restarts += 1;
                 state.metrics.set_imex_running(false);
                 state.metrics.imex_restarted();
+                state.checker.stopped();
+                state.readiness(Readiness::NotReady).await;
                 state.events.imex_exited(&how, state.imex_restarts).await;
             }
             () = sleep_until(retry) => {
@@ -368,37 +372,6 @@ fn clique_events(api: &Api<ComputeDomainClique>, name: &str) -> impl Stream<Item
         .filter_map(std::future::ready)
 }
 
-/// The own pod's readiness, on every change of the pod.
-fn pod_readiness(api: Api<Pod>, name: &str) -> impl Stream<Item = Readiness> + use<> {
-    let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
-    watcher(api, config)
-        .default_backoff()
-        .applied_objects()
-        .filter_map(|pod| async move {
-            match pod {
-                Ok(pod) => Some(readiness(&pod)),
-                Err(err) => {
-                    tracing::warn!(error = %chain(&err), "own pod watch");
-                    None
-                }
-            }
-        })
-}
-
-/// `Ready` iff the pod's Ready condition is `True`.
-pub fn readiness(pod: &Pod) -> Readiness {
-    let ready = pod
-        .status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
-    if ready {
-        Readiness::Ready
-    } else {
-        Readiness::NotReady
-    }
-}
-
 /// The row this daemon should have, given the rows it last saw.
 pub fn desired_row(
     daemons: &[ComputeDomainDaemonInfo],
@@ -465,6 +438,7 @@ struct State {
     /// The hosts block as last written.
     written: Option<Vec<Mapping>>,
     imex: Imex,
+    checker: Checker,
     restart_at: Option<Instant>,
 }
 
@@ -483,6 +457,11 @@ impl State {
             );
             return;
         };
+        if self.last_applied.is_none() && self.checker.owed() {
+            // `nvidia-imex` just started from this row: its first answer, due within
+            // milliseconds, lets the join say Ready at once (see `crate::readiness`).
+            return;
+        }
         self.publish(row).await;
         // The apply answered with the newest rows.
         let desired = self.desired();
@@ -590,11 +569,30 @@ impl State {
     }
 
     fn start_imex(&mut self) {
-        if let Err(err) = self.imex.start() {
-            tracing::warn!(error = %chain(&err), "nvidia-imex did not start; retrying in 1s");
-            self.restart_at = Some(Instant::now() + imex::WATCHDOG_DELAY);
+        match self.imex.start() {
+            Ok(()) => self.checker.started(),
+            Err(err) => {
+                tracing::warn!(error = %chain(&err), "nvidia-imex did not start; retrying in 1s");
+                self.restart_at = Some(Instant::now() + imex::WATCHDOG_DELAY);
+            }
         }
         self.metrics.set_imex_running(self.imex.running());
+    }
+
+    /// Takes a check's answer (or an exit of `nvidia-imex`) as the row's status.
+    async fn readiness(&mut self, ready: Readiness) {
+        // An answer that raced an exit of the process is not believed.
+        let ready = if self.imex.running() {
+            ready
+        } else {
+            Readiness::NotReady
+        };
+        if ready != self.ready {
+            tracing::info!(status = ready.as_str(), "nvidia-imex readiness changed");
+            self.ready = ready;
+        }
+        // Also after no change: the first answer releases the held join.
+        self.reconcile().await;
     }
 
     /// Stops `nvidia-imex` and removes the own row, concurrently, within the budget.
@@ -633,7 +631,6 @@ impl State {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use k8s_openapi::api::core::v1::{PodCondition, PodStatus};
     use pretty_assertions::assert_eq;
 
     fn member(node: &str) -> Membership {
@@ -773,37 +770,6 @@ mod tests {
         assert_eq!(View::of(clique.clone()).version, Some(42));
         clique.metadata.resource_version = Some("opaque".into());
         assert_eq!(View::of(clique).version, None);
-    }
-
-    #[test]
-    fn readiness_reads_the_ready_condition() {
-        let pod = |conditions: Option<Vec<(&str, &str)>>| Pod {
-            status: Some(PodStatus {
-                conditions: conditions.map(|c| {
-                    c.into_iter()
-                        .map(|(t, s)| PodCondition {
-                            type_: t.into(),
-                            status: s.into(),
-                            ..Default::default()
-                        })
-                        .collect()
-                }),
-                ..Default::default()
-            }),
-            ..Default::default()
-        };
-        let cases = [
-            (None, Readiness::NotReady),
-            (Some(vec![("Ready", "True")]), Readiness::Ready),
-            (
-                Some(vec![("Ready", "False"), ("ContainersReady", "True")]),
-                Readiness::NotReady,
-            ),
-            (Some(vec![("ContainersReady", "True")]), Readiness::NotReady),
-        ];
-        for (conditions, want) in cases {
-            assert_eq!(readiness(&pod(conditions.clone())), want, "{conditions:?}");
-        }
     }
 
     #[test]

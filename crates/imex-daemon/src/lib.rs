@@ -3,8 +3,9 @@
 //! One daemon pod runs on every node of a ComputeDomain (the controller's DaemonSet). It
 //! publishes the node's membership in its NVLink clique ([`clique`], [`index`]), keeps the
 //! IMEX peers' names in `/etc/hosts` ([`hosts`]), and runs and supervises `nvidia-imex`
-//! ([`imex`]) with the config it renders ([`config`]), reporting restarts as Events
-//! ([`events`]) and its state as Prometheus metrics ([`metrics`]). [`daemon`] is the `run`
+//! ([`imex`]) with the config it renders ([`config`]), checking it as its probe does
+//! ([`readiness`]), reporting restarts as Events ([`events`]) and its state as Prometheus
+//! metrics ([`metrics`]). [`daemon`] is the `run`
 //! subcommand,
 //! [`check`] the probe. Every container path goes through [`rootfs`], so the e2e can run the
 //! daemon as a local process in a private root.
@@ -25,6 +26,7 @@ pub mod hosts;
 pub mod imex;
 pub mod index;
 pub mod metrics;
+pub mod readiness;
 pub mod rootfs;
 
 use std::io::Write as _;

@@ -48,6 +48,28 @@ fn as_daemon(
     env.cluster.cp.kubectl(&all, stdin)
 }
 
+/// A client acting as the IMEX daemon of pod `pod` on `node`: the admin
+/// impersonating the daemon's ServiceAccount with a pod-bound token's extras.
+async fn daemon_client(env: &Env, node: &str, pod: &str) -> Result<kube::Client> {
+    let path = env.cluster.cp.admin_kubeconfig();
+    let kubeconfig = kube::config::Kubeconfig::read_from(&path)?;
+    let mut config = kube::Config::from_custom_kubeconfig(kubeconfig, &Default::default()).await?;
+    let user = format!("system:serviceaccount:{NAMESPACE}:compute-domain-daemon-service-account");
+    // Extra keys travel percent-encoded in the header name.
+    let extra = |key: &str| format!("Impersonate-Extra-{}", key.replace('/', "%2F"));
+    for (name, value) in [
+        ("Impersonate-User".to_owned(), user.as_str()),
+        (extra(NODE_PREFIX), node),
+        (extra(POD_PREFIX), pod),
+    ] {
+        config.headers.push((
+            http::HeaderName::try_from(name)?,
+            http::HeaderValue::try_from(value)?,
+        ));
+    }
+    Ok(kube::Client::try_from(config)?)
+}
+
 /// `result` failed with a denial whose text contains `expected`.
 fn denied(what: &str, result: Result<String>, expected: &str) -> Result<()> {
     match result {
@@ -246,29 +268,48 @@ spec:
     };
     env.apply(&pod("privilege-check-a"))?;
     env.apply(&pod("privilege-check-b"))?;
-    let run = |me: &str, target: &str| {
-        as_daemon(
-            &env,
-            "gb200-0",
-            me,
-            &[
-                "label",
-                "pod",
-                "-n",
-                NAMESPACE,
-                target,
-                "resource.nvidia.com/computeDomain.cliqueID=x",
-                "--overwrite",
-            ],
-            None,
-        )
+    // The daemon's own request: a bare merge patch. It may not read pods, so
+    // kubectl (which reads the object first) cannot stand in for it here.
+    let daemon: kube::Api<k8s_openapi::api::core::v1::Pod> = kube::Api::namespaced(
+        daemon_client(&env, "gb200-0", "privilege-check-a").await?,
+        NAMESPACE,
+    );
+    let label = serde_json::json!({
+        "metadata": {"labels": {"resource.nvidia.com/computeDomain.cliqueID": "x"}}
+    });
+    let run = |target: &'static str| {
+        let (daemon, label) = (daemon.clone(), label.clone());
+        async move {
+            daemon
+                .patch(
+                    target,
+                    &kube::api::PatchParams::default(),
+                    &kube::api::Patch::Merge(&label),
+                )
+                .await
+                .map(|_| String::new())
+                .map_err(anyhow::Error::from)
+        }
     };
     denied(
         "daemon labels another pod",
-        run("privilege-check-a", "privilege-check-b"),
+        run("privilege-check-b").await,
         "may only change its own pod",
     )?;
-    run("privilege-check-a", "privilege-check-a").context("the daemon labels its own pod")?;
+    run("privilege-check-a")
+        .await
+        .context("the daemon labels its own pod")?;
+    denied(
+        "daemon reads pods",
+        as_daemon(
+            &env,
+            "gb200-0",
+            "privilege-check-a",
+            &["get", "pods", "-n", NAMESPACE],
+            None,
+        ),
+        "cannot list resource \"pods\"",
+    )?;
 
     let clique = |rows: &[(&str, i64)]| {
         let rows: Vec<String> = rows
