@@ -19,6 +19,12 @@
 //! [`Display`](fmt::Display) form: it already carries the expanded per-gate values. Validation runs
 //! after the expansion, so `AllAlpha=true` alone is refused (it enables mutually exclusive gates),
 //! as it would be upstream.
+//!
+//! Two Beta gates are locked on ([`FeatureGate::locked_on`]): `IMEXDaemonsWithDNSNames` and
+//! `ComputeDomainCliques` select how IMEX daemons address peers and where they publish
+//! membership, and nvdra implements only the on side (upstream's off side is its legacy
+//! behaviour). Setting either to false is refused with the reason rather than accepted and
+//! ignored; `AllBeta=false` leaves them on, as component-base's `AllBeta` leaves locked gates.
 
 use std::fmt;
 use std::str::FromStr;
@@ -186,6 +192,14 @@ pub enum FeatureGateError {
         /// The disabled gate it needs.
         required: FeatureGate,
     },
+    /// A gate nvdra implements only enabled was disabled.
+    #[error("feature gate {gate} cannot be disabled in nvdra ({why}); remove {gate}=false")]
+    LockedOn {
+        /// The gate.
+        gate: FeatureGate,
+        /// Why only its enabled side exists.
+        why: &'static str,
+    },
     /// Two gates that cannot work together are both enabled.
     #[error("feature gates {first} and {second} are mutually exclusive; enable at most one")]
     MutuallyExclusive {
@@ -194,6 +208,31 @@ pub enum FeatureGateError {
         /// The other gate.
         second: FeatureGate,
     },
+}
+
+/// Gates nvdra implements only enabled, with why the disabled side does not exist here.
+const LOCKED_ON: &[(FeatureGate, &str)] = &[
+    (
+        FeatureGate::IMEXDaemonsWithDNSNames,
+        "nvdra's IMEX daemons always give nvidia-imex a static config of stable DNS names \
+         and map them to peer IPs in /etc/hosts, so a peer whose IP changed needs no restart",
+    ),
+    (
+        FeatureGate::ComputeDomainCliques,
+        "nvdra's IMEX daemons always publish membership as their own rows of \
+         ComputeDomainClique objects; upstream's alternative, all daemons rewriting one \
+         ComputeDomain status, is what caused its 409 storms",
+    ),
+];
+
+impl FeatureGate {
+    /// Why this gate cannot be disabled in nvdra, if it cannot.
+    pub fn locked_on(self) -> Option<&'static str> {
+        LOCKED_ON
+            .iter()
+            .find(|(gate, _)| *gate == self)
+            .map(|(_, why)| *why)
+    }
 }
 
 /// `gate` needs `required` to be enabled too.
@@ -291,6 +330,7 @@ impl FeatureGates {
         let mut gates = Self::default();
         for &gate in FeatureGate::ALL {
             let stage_wide = match gate.stage() {
+                _ if gate.locked_on().is_some() => None,
                 Stage::Alpha => all_alpha,
                 Stage::Beta => all_beta,
             };
@@ -301,8 +341,13 @@ impl FeatureGates {
         Ok(gates)
     }
 
-    /// Checks dependencies and exclusions between gates; reports the first violation.
+    /// Checks locked gates, dependencies and exclusions; reports the first violation.
     pub fn validate(&self) -> Result<(), FeatureGateError> {
+        for &(gate, why) in LOCKED_ON {
+            if !self.enabled(gate) {
+                return Err(FeatureGateError::LockedOn { gate, why });
+            }
+        }
         for &(gate, required) in DEPENDENCIES {
             if self.enabled(gate) && !self.enabled(required) {
                 return Err(FeatureGateError::MissingDependency { gate, required });
@@ -405,13 +450,7 @@ mod tests {
                 " MPSSupport = true , TimeSlicingSettings=1 ,",
                 &[(MPSSupport, true), (TimeSlicingSettings, true)],
             ),
-            (
-                "ComputeDomainCliques=false,IMEXDaemonsWithDNSNames=F",
-                &[
-                    (ComputeDomainCliques, false),
-                    (IMEXDaemonsWithDNSNames, false),
-                ],
-            ),
+            ("ComputeDomainCliques=true,IMEXDaemonsWithDNSNames=T", &[]),
             ("MPSSupport=true,MPSSupport=False", &[(MPSSupport, false)]),
             (
                 "PassthroughSupport=TRUE,DeviceMetadata=t",
@@ -459,27 +498,13 @@ mod tests {
             ("MPSSupport=true,AllAlpha=false", &[(MPSSupport, true)]),
             ("AllAlpha=true,AllAlpha=false", &[]),
             ("AllBeta=true", &[]),
-            (
-                "AllBeta=false",
-                &[
-                    (IMEXDaemonsWithDNSNames, false),
-                    (ComputeDomainCliques, false),
-                    (CrashOnNVLinkFabricErrors, false),
-                ],
-            ),
-            (
-                "CrashOnNVLinkFabricErrors=true,AllBeta=false",
-                &[
-                    (IMEXDaemonsWithDNSNames, false),
-                    (ComputeDomainCliques, false),
-                ],
-            ),
+            // Locked gates stay on.
+            ("AllBeta=false", &[(CrashOnNVLinkFabricErrors, false)]),
+            ("CrashOnNVLinkFabricErrors=true,AllBeta=false", &[]),
             (
                 "AllBeta=false,AllAlpha=true,PassthroughSupport=false,NVMLDeviceHealthCheck=false,\
                  MPSSupport=false,DeviceMetadata=false",
                 &[
-                    (IMEXDaemonsWithDNSNames, false),
-                    (ComputeDomainCliques, false),
                     (CrashOnNVLinkFabricErrors, false),
                     (TimeSlicingSettings, true),
                     (DynamicMIG, true),
@@ -521,9 +546,19 @@ mod tests {
             ),
             (
                 "IMEXDaemonsWithDNSNames=false",
-                "feature gate ComputeDomainCliques requires feature gate \
-                 IMEXDaemonsWithDNSNames to be enabled"
-                    .into(),
+                format!(
+                    "feature gate IMEXDaemonsWithDNSNames cannot be disabled in nvdra ({}); \
+                     remove IMEXDaemonsWithDNSNames=false",
+                    IMEXDaemonsWithDNSNames.locked_on().unwrap()
+                ),
+            ),
+            (
+                "AllBeta=false,ComputeDomainCliques=f",
+                format!(
+                    "feature gate ComputeDomainCliques cannot be disabled in nvdra ({}); \
+                     remove ComputeDomainCliques=false",
+                    ComputeDomainCliques.locked_on().unwrap()
+                ),
             ),
             (
                 "DeviceMetadata=true",
@@ -589,12 +624,6 @@ mod tests {
                     .into(),
             ),
             (
-                "AllBeta=false,ComputeDomainCliques=true",
-                "feature gate ComputeDomainCliques requires feature gate \
-                 IMEXDaemonsWithDNSNames to be enabled"
-                    .into(),
-            ),
-            (
                 "AllAlpha=true,PassthroughSupport=false,NVMLDeviceHealthCheck=false",
                 "feature gate DeviceMetadata requires feature gate PassthroughSupport to be \
                  enabled"
@@ -617,7 +646,7 @@ mod tests {
     #[test]
     fn compatible_combinations_validate() {
         for text in [
-            "ComputeDomainCliques=false,IMEXDaemonsWithDNSNames=false",
+            "ComputeDomainCliques=true,IMEXDaemonsWithDNSNames=true",
             "DeviceMetadata=true,PassthroughSupport=true",
             "DynamicMIG=true,TimeSlicingSettings=true",
             "MPSSupport=true,TimeSlicingSettings=true,NVMLDeviceHealthCheck=true",
@@ -642,7 +671,7 @@ mod tests {
              PassthroughSupport=false,DynamicMIG=false,NVMLDeviceHealthCheck=false,\
              ComputeDomainCliques=true,CrashOnNVLinkFabricErrors=true,DeviceMetadata=false"
         );
-        let gates: FeatureGates = "MPSSupport=true,ComputeDomainCliques=false"
+        let gates: FeatureGates = "MPSSupport=true,CrashOnNVLinkFabricErrors=false"
             .parse()
             .unwrap();
         assert_eq!(gates.to_string().parse::<FeatureGates>().unwrap(), gates);
@@ -655,7 +684,7 @@ mod tests {
             gates.to_string(),
             "TimeSlicingSettings=false,MPSSupport=false,IMEXDaemonsWithDNSNames=true,\
              PassthroughSupport=false,DynamicMIG=true,NVMLDeviceHealthCheck=false,\
-             ComputeDomainCliques=false,CrashOnNVLinkFabricErrors=false,DeviceMetadata=false"
+             ComputeDomainCliques=true,CrashOnNVLinkFabricErrors=false,DeviceMetadata=false"
         );
         assert_eq!(gates.to_string().parse::<FeatureGates>().unwrap(), gates);
         assert_eq!(
