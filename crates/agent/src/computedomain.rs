@@ -185,6 +185,7 @@ impl ComputeDomainDriver {
             orphan_specs_removed: 0,
             unaccounted_specs: Vec::new(),
             temp_files_removed: 0,
+            orphan_metadata_removed: 0,
             problems: Vec::new(),
         };
         crate::driver::recover(&cdi, &mut ledger, &mut startup, &|_, _| {})?;

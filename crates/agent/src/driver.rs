@@ -71,6 +71,7 @@ use crate::checkpoint::{
 };
 use crate::devices::{AllocatableDevice, Partitioning, allocatable_index_with};
 use crate::health::{HealthState, HealthStore};
+use crate::metadata::MetadataStore;
 use crate::metrics::{ErrorType, Metrics, Operation};
 use crate::mps::MpsDaemons;
 
@@ -189,6 +190,9 @@ pub struct Startup {
     pub unaccounted_specs: Vec<String>,
     /// Temporary spec files of interrupted writes removed.
     pub temp_files_removed: usize,
+    /// Device metadata directories (`DeviceMetadata`) removed because no checkpoint entry
+    /// accounts for them.
+    pub orphan_metadata_removed: usize,
     /// Repairs that failed and were skipped (logged as warnings too).
     pub problems: Vec<String>,
 }
@@ -212,6 +216,9 @@ pub(crate) struct Shared {
     node_name: String,
     backend: Arc<dyn GpuBackend>,
     cdi: CdiStore,
+    /// Device metadata files; written only with the `DeviceMetadata` gate, removed always (the
+    /// gate may have been on when a claim was prepared).
+    metadata: MetadataStore,
     common_edits: CommonEdits,
     gates: nvdra_api::FeatureGates,
     metrics: Metrics,
@@ -326,6 +333,7 @@ impl GpuDriver {
             orphan_specs_removed: 0,
             unaccounted_specs: Vec::new(),
             temp_files_removed: 0,
+            orphan_metadata_removed: 0,
             problems: Vec::new(),
         };
         recover(&cdi, &mut ledger, &mut startup, &|entry, claim| {
@@ -339,6 +347,11 @@ impl GpuDriver {
                 claim,
             );
         })?;
+        let metadata = MetadataStore::new(
+            plugin_data_dir.join(crate::metadata::DIR_NAME),
+            nvdra_api::names::drivers::GPU,
+        );
+        remove_orphan_metadata(&metadata, ledger.state(), &mut startup);
         if let Some(daemons) = &mps {
             // A claim with a spec is prepared (or, after a corrupt checkpoint,
             // maybe still in use): its daemons stay; every other goes.
@@ -382,6 +395,7 @@ impl GpuDriver {
             node_name,
             backend,
             cdi,
+            metadata,
             common_edits,
             gates,
             metrics,
@@ -636,6 +650,7 @@ impl GpuDriver {
                 if let Some(daemons) = &shared.mps {
                     daemons.stop_claim(&uid);
                 }
+                shared.remove_metadata(&uid);
                 match shared.cdi.remove_claim_spec(&uid) {
                     Ok(_) => {
                         tracing::info!(claim_uid = %uid, "removed CDI spec of a claim no longer in use");
@@ -751,6 +766,14 @@ impl Shared {
             ledger.invalidate();
             ledger
         })
+    }
+
+    /// Removes a claim's device metadata; a failure is logged, and start-up removes the
+    /// directory as an orphan once the claim's entry is gone.
+    fn remove_metadata(&self, claim_uid: &str) {
+        if let Err(err) = self.metadata.remove_claim(claim_uid) {
+            tracing::warn!(claim_uid, error = %error_chain(&err), "cannot remove device metadata; start-up will remove it as an orphan");
+        }
     }
 
     /// The device behind an allocation result, if it is ours.
@@ -1085,6 +1108,32 @@ pub(crate) fn recover(
         Err(err) => problem(startup, error_chain(&err)),
     }
     Ok(())
+}
+
+/// Removes the device metadata of claims the checkpoint does not hold (rolled back above, or
+/// interrupted between the metadata and the spec write). Kept after a corrupt load, as specs
+/// are: the claims may still be in use, and the rebuild removes what turns out stale.
+fn remove_orphan_metadata(
+    metadata: &MetadataStore,
+    state: &CheckpointState,
+    startup: &mut Startup,
+) {
+    if matches!(startup.checkpoint, LoadOutcome::Corrupt { .. }) {
+        return;
+    }
+    let uids = match metadata.list_claims() {
+        Ok(uids) => uids,
+        Err(err) => return problem(startup, error_chain(&err)),
+    };
+    for uid in uids.iter().filter(|uid| state.claim(uid).is_none()) {
+        match metadata.remove_claim(uid) {
+            Ok(_) => {
+                tracing::info!(claim_uid = %uid, "removed orphaned device metadata");
+                startup.orphan_metadata_removed += 1;
+            }
+            Err(err) => problem(startup, error_chain(&err)),
+        }
+    }
 }
 
 fn problem(startup: &mut Startup, text: String) {

@@ -4,7 +4,8 @@
 //! `main` parses [`args::Args`] and calls [`run::run`], which wires the
 //! device layer (`nvdra-gpu`), the kubelet-plugin library and the modules
 //! here: what is published ([`devices`]), how opaque configs apply
-//! ([`config`]), what a container gets ([`cdi`]), what survives a restart
+//! ([`config`]), what a container gets ([`cdi`], and [`metadata`] with the
+//! `DeviceMetadata` gate), what survives a restart
 //! ([`checkpoint`]) and how it is rebuilt when lost ([`rebuild`]), and
 //! the events an operator sees ([`events`]). [`computedomain`] is the
 //! `compute-domain.nvidia.com` driver (IMEX channels and daemons), which
@@ -20,6 +21,7 @@ pub mod devices;
 pub mod driver;
 pub mod events;
 pub mod health;
+pub mod metadata;
 pub mod metrics;
 pub mod mps;
 pub mod rebuild;

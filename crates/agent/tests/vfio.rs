@@ -1,7 +1,8 @@
 //! VFIO passthrough (PassthroughSupport) through the GPU driver, against a
 //! mock node's PCI sysfs and its fake kernel (`nvdra_nvml_mock::pci`):
 //! what is published, Prepare binding to vfio-pci and Unprepare binding
-//! back, a GPU never used both ways, a busy GPU, and start-up repairs.
+//! back, a GPU never used both ways, a busy GPU, start-up repairs, and the
+//! KEP-5304 device metadata that tells a VM launcher its GPU's PCI address.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -60,7 +61,13 @@ impl Node {
     }
 
     fn start(&self, dirs: &Dirs) -> GpuDriver {
-        let gates = FeatureGates::default().with(FeatureGate::PassthroughSupport, true);
+        self.start_with(
+            dirs,
+            FeatureGates::default().with(FeatureGate::PassthroughSupport, true),
+        )
+    }
+
+    fn start_with(&self, dirs: &Dirs, gates: FeatureGates) -> GpuDriver {
         let (mut config, _registry) = config(dirs, H100, gates);
         config.backend = self.fake.clone();
         config.vfio = Some(self.host());
@@ -254,4 +261,158 @@ async fn start_up_gives_back_gpus_no_claim_holds() {
     let driver = node.start(&dirs);
     assert_eq!(node.driver_of(&other), PciDriver::Nvidia);
     assert!(published(&driver).contains(&"gpu-3".to_owned()));
+}
+
+fn with_metadata() -> FeatureGates {
+    FeatureGates::default()
+        .with(FeatureGate::PassthroughSupport, true)
+        .with(FeatureGate::DeviceMetadata, true)
+}
+
+/// The claim's metadata directory on the host.
+fn metadata_dir(dirs: &Dirs, claim_uid: &str) -> PathBuf {
+    dirs.data.join("metadata").join(claim_uid)
+}
+
+/// The first object of a metadata file (the newest API version).
+fn first_object(path: &str) -> serde_json::Value {
+    let text = std::fs::read_to_string(path).unwrap();
+    serde_json::from_str(text.lines().next().unwrap()).unwrap()
+}
+
+#[tokio::test]
+async fn device_metadata_tells_the_vm_its_pci_address_and_goes_with_the_claim() {
+    let dirs = Dirs::new();
+    let node = Node::new();
+    let driver = node.start_with(&dirs, with_metadata());
+    let (name, bdf) = vfio_device_of(&driver, 0);
+
+    let vm = claim(1, "vm", &name);
+    let vm_ref = claim_ref(&vm);
+    prepare(&driver, vm).await.unwrap();
+    let spec = dirs.read_spec(&uid(1));
+    let mounts = &spec.devices[0].container_edits.mounts;
+    assert_eq!(mounts.len(), 1, "{mounts:?}");
+    assert_eq!(
+        mounts[0].container_path,
+        "/var/run/kubernetes.io/dra-device-attributes/resourceclaims/c1/vm/gpu.nvidia.com-metadata.json"
+    );
+    assert_eq!(mounts[0].options, ["ro", "nosuid", "nodev", "bind"]);
+    let object = first_object(&mounts[0].host_path);
+    assert_eq!(object["apiVersion"], "metadata.resource.k8s.io/v1beta1");
+    assert_eq!(object["metadata"]["uid"], uid(1));
+    let device = &object["requests"][0]["devices"][0];
+    assert_eq!(device["name"], name.as_str());
+    assert_eq!(device["pool"], NODE);
+    assert_eq!(device["attributes"]["type"]["string"], "vfio");
+    assert_eq!(
+        device["attributes"]["resource.kubernetes.io/pciBusID"]["string"],
+        bdf.as_str()
+    );
+
+    // Two GPUs of a claim generated from a template: one file for the request, under the
+    // pod's name for the claim, mounted with the request's first device only.
+    let mut gpus = allocated_claim(
+        "pod-gpus-x2",
+        &uid(2),
+        &[("gpus", "gpu-2", false), ("gpus", "gpu-3", false)],
+    );
+    gpus.metadata.annotations = Some(
+        [(
+            "resource.kubernetes.io/pod-claim-name".to_owned(),
+            "training".to_owned(),
+        )]
+        .into(),
+    );
+    let gpus_ref = claim_ref(&gpus);
+    prepare(&driver, gpus).await.unwrap();
+    let spec = dirs.read_spec(&uid(2));
+    let mounted: Vec<(&str, Vec<&str>)> = spec
+        .devices
+        .iter()
+        .map(|d| {
+            (
+                d.name.as_str(),
+                d.container_edits
+                    .mounts
+                    .iter()
+                    .filter(|m| m.container_path.contains("dra-device-attributes"))
+                    .map(|m| m.container_path.as_str())
+                    .collect(),
+            )
+        })
+        .collect();
+    let path = "/var/run/kubernetes.io/dra-device-attributes/resourceclaimtemplates/training/gpus/gpu.nvidia.com-metadata.json";
+    assert_eq!(
+        mounted,
+        [
+            (format!("{}-gpu-2", uid(2)).as_str(), vec![path]),
+            (format!("{}-gpu-3", uid(2)).as_str(), vec![]),
+        ]
+    );
+    let host = metadata_dir(&dirs, &uid(2)).join("gpus/gpu.nvidia.com-metadata.json");
+    let object = first_object(host.to_str().unwrap());
+    assert_eq!(object["podClaimName"], "training");
+    let uuids: Vec<&str> = object["requests"][0]["devices"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["attributes"]["uuid"]["string"].as_str().unwrap())
+        .collect();
+    let expected: Vec<&str> = ["gpu-2", "gpu-3"]
+        .iter()
+        .map(|n| driver.allocatable_devices()[*n].uuid())
+        .collect();
+    assert_eq!(uuids, expected);
+
+    let got = driver
+        .unprepare_resource_claims(vec![vm_ref, gpus_ref])
+        .await;
+    assert!(got.values().all(Result::is_ok), "{got:?}");
+    assert!(!metadata_dir(&dirs, &uid(1)).exists());
+    assert!(!metadata_dir(&dirs, &uid(2)).exists());
+}
+
+#[tokio::test]
+async fn without_the_device_metadata_gate_no_metadata_is_written() {
+    let dirs = Dirs::new();
+    let node = Node::new();
+    let driver = node.start(&dirs);
+    let (name, _) = vfio_device_of(&driver, 0);
+    prepare(&driver, claim(1, "vm", &name)).await.unwrap();
+    let spec = dirs.read_spec(&uid(1));
+    assert!(spec.devices[0].container_edits.mounts.is_empty());
+    assert!(!dirs.data.join("metadata").exists());
+}
+
+#[tokio::test]
+async fn start_up_removes_device_metadata_no_claim_holds() {
+    let dirs = Dirs::new();
+    let node = Node::new();
+    {
+        let driver = node.start_with(&dirs, with_metadata());
+        prepare(&driver, claim(1, "gpu", "gpu-0")).await.unwrap();
+        let (name, _) = vfio_device_of(&driver, 1);
+        // A crash after the claim's metadata and spec are written, before it is recorded
+        // completed.
+        driver.set_fault_hook(Arc::new(|point| {
+            if point == nvdra_agent::driver::FaultPoint::AfterSpecsWritten {
+                panic!("injected crash");
+            }
+        }));
+        assert!(prepare(&driver, claim(2, "vm", &name)).await.is_err());
+        assert!(metadata_dir(&dirs, &uid(2)).exists());
+    }
+    // Left by a crashed agent, or by a claim whose entry is gone.
+    let stray = metadata_dir(&dirs, &uid(9)).join("x");
+    std::fs::create_dir_all(&stray).unwrap();
+    std::fs::write(stray.join("gpu.nvidia.com-metadata.json"), "{}").unwrap();
+
+    let _driver = node.start_with(&dirs, with_metadata());
+    assert!(
+        metadata_dir(&dirs, &uid(1)).exists(),
+        "a prepared claim keeps its file"
+    );
+    assert!(!metadata_dir(&dirs, &uid(2)).exists());
+    assert!(!metadata_dir(&dirs, &uid(9)).exists());
 }

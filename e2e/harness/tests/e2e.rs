@@ -406,15 +406,16 @@ fn dynamic_mig_spec() -> ClusterSpec {
     }
 }
 
-/// One H100 node on the mock NVML library with PassthroughSupport; its
-/// sysfs is a fake PCI tree the scenario runs a fake kernel for.
+/// One H100 node on the mock NVML library with PassthroughSupport and
+/// DeviceMetadata; its sysfs is a fake PCI tree the scenario runs a fake
+/// kernel for.
 fn passthrough_spec() -> ClusterSpec {
     let mut node = NodeSpec::fake(e2e::mocknvml::PASSTHROUGH_NODE, "h100-sxm-80gb-x8");
     node.mock_nvml = true;
     ClusterSpec {
         nodes: vec![node],
         chart_sets: Vec::new(),
-        agent_extra: vec!["--feature-gates=PassthroughSupport=true".into()],
+        agent_extra: vec!["--feature-gates=PassthroughSupport=true,DeviceMetadata=true".into()],
         controllers: 0,
         client_qps: None,
     }

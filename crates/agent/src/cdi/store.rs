@@ -288,7 +288,7 @@ fn check_belongs_to_claim(kind: &str, claim_uid: &str, spec: &Spec) -> Result<()
 
 /// Creates `path` (never following or reusing an existing entry), writes
 /// `bytes` and syncs them to disk.
-fn write_new_file(path: &Path, bytes: &[u8]) -> io::Result<()> {
+pub(crate) fn write_new_file(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let mut file = OpenOptions::new()
         .write(true)
         .create_new(true)

@@ -12,13 +12,15 @@
 //!    interrupted one is rolled back (CDI spec removed, entry dropped) and begun afresh; a
 //!    device held by another claim refuses the claim (admin access honoured).
 //! 3. **Record** `PrepareStarted` for all begun claims with one checkpoint write.
-//! 4. **Work**: render and atomically write each claim's CDI spec. A claim that fails here is
-//!    rolled back (spec removed, entry dropped) before its error is returned.
+//! 4. **Work**: render and atomically write each claim's CDI spec (with the `DeviceMetadata`
+//!    gate, first its [`crate::metadata`] files, which the spec bind-mounts). A claim that fails
+//!    here is rolled back (spec and metadata removed, entry dropped) before its error is
+//!    returned.
 //! 5. **Record** `PrepareCompleted` for all claims that got their spec, again with one write,
 //!    and only then report them prepared.
 //!
 //! A crash anywhere leaves a state start-up repairs: `PrepareStarted` entries are rolled back,
-//! specs without an entry are removed as orphans.
+//! specs and metadata without an entry are removed as orphans.
 //!
 //! Failure modes are the variants of [`PrepareError`]; each becomes the claim's error text
 //! (the whole `#[source]` chain). A failed checkpoint write fails every claim that depended
@@ -27,10 +29,12 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::resource::v1::DeviceRequestAllocationResult;
+use k8s_openapi::api::resource::v1::{DeviceAttribute, DeviceRequestAllocationResult};
+use nvdra_api::FeatureGate;
 use nvdra_api::config::{
     GpuConfig, IommuBackendPolicy, MigDeviceConfig, MpsConfig, SharingStrategy, VfioDeviceConfig,
 };
+use nvdra_api::names::drivers;
 use nvdra_gpu::vfio::IommuPolicy;
 use nvdra_kubelet_plugin::error::error_chain;
 use nvdra_kubelet_plugin::{ClaimError, PrepareClaim, PrepareResults};
@@ -46,6 +50,7 @@ use crate::checkpoint::{
 };
 use crate::config::{self, ConfigGroup, ConfigOrigin, DeviceAllocation, ResolvedConfig};
 use crate::devices::AllocatableDevice;
+use crate::metadata::{self, MetadataDevice};
 use crate::mps::{CONTAINER_PIPE_DIR, MpsDaemons};
 
 /// Why one claim could not be prepared. The `Display` text (with its sources) is what the
@@ -160,6 +165,9 @@ pub enum PrepareError {
     /// Rendering or writing the claim's CDI spec failed.
     #[error(transparent)]
     Cdi(Box<cdi::Error>),
+    /// Writing the claim's device metadata (`DeviceMetadata`) failed.
+    #[error(transparent)]
+    Metadata(Box<metadata::Error>),
     /// A bug: the driver broke one of its own invariants.
     #[error("internal error: {0}")]
     Internal(String),
@@ -195,6 +203,8 @@ struct GroupPlan {
 #[derive(Debug)]
 struct ClaimPlan {
     claim: checkpoint::ClaimRef,
+    /// The pod's name for the claim when it was generated from a template.
+    pod_claim_name: Option<String>,
     allocated: Vec<AllocatedDevice>,
     /// One entry per config group.
     groups: Vec<GroupPlan>,
@@ -383,6 +393,13 @@ fn plan(shared: &Shared, claim: &PrepareClaim) -> Result<ClaimPlan, PrepareError
             namespace: claim_ref.namespace.clone(),
             name: claim_ref.name.clone(),
         },
+        pod_claim_name: claim
+            .claim
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(metadata::POD_CLAIM_NAME_ANNOTATION))
+            .cloned(),
         allocated: claim.results.iter().map(allocated_device).collect(),
         groups,
     })
@@ -504,6 +521,7 @@ fn begin(
                     .cdi
                     .remove_claim_spec(&plan.claim.uid)
                     .map_err(|err| (PrepareError::RollBack(Box::new(err)), false))?;
+                shared.remove_metadata(&plan.claim.uid);
                 undo_entry(shared, &entry, &plan.claim);
                 ledger.state_mut().remove(&plan.claim.uid);
                 rolled_back = true;
@@ -817,6 +835,9 @@ fn render_and_write(
     } else {
         shared.common_edits.clone()
     };
+    if shared.gates.enabled(FeatureGate::DeviceMetadata) {
+        write_metadata(shared, plan, &mut cdi_devices)?;
+    }
     let spec = render_claim_spec(uid, &cdi_devices, &common)
         .map_err(|err| PrepareError::Cdi(Box::new(err)))?;
     shared
@@ -824,6 +845,67 @@ fn render_and_write(
         .write_claim_spec(uid, &spec)
         .map(|_path| ())
         .map_err(|err| PrepareError::Cdi(Box::new(err)))
+}
+
+/// Writes the claim's device metadata and bind-mounts each request's file on the CDI device of
+/// the request's first allocated device, so the containers that get the request see it.
+fn write_metadata(
+    shared: &Shared,
+    plan: &ClaimPlan,
+    cdi_devices: &mut [ClaimDevice],
+) -> Result<(), PrepareError> {
+    let devices: Vec<MetadataDevice> = plan
+        .allocated
+        .iter()
+        .flat_map(|allocated| {
+            allocated.requests.iter().map(|request| MetadataDevice {
+                request: request.clone(),
+                driver: drivers::GPU.to_owned(),
+                pool: allocated.pool.clone(),
+                name: allocated.device.clone(),
+                attributes: metadata_attributes(shared, &allocated.device),
+            })
+        })
+        .collect();
+    let claim = metadata::ClaimIdentity {
+        name: &plan.claim.name,
+        namespace: &plan.claim.namespace,
+        uid: &plan.claim.uid,
+        pod_claim_name: plan.pod_claim_name.as_deref(),
+    };
+    let mounts = shared
+        .metadata
+        .write_claim(&claim, &devices)
+        .map_err(|err| PrepareError::Metadata(Box::new(err)))?;
+    for (request, mount) in mounts {
+        let first = devices
+            .iter()
+            .find(|d| metadata::base_request(&d.request) == request)
+            .and_then(|d| cdi_devices.iter_mut().find(|c| c.name == d.name));
+        match first {
+            Some(device) => device.extra_edits.mounts.push(mount),
+            None => {
+                return Err(PrepareError::Internal(format!(
+                    "request {request:?} has device metadata but no device in the CDI spec"
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// A device's attributes for its metadata: those its ResourceSlice publishes. (A MIG device
+/// created at Prepare would add its UUID, but DynamicMIG excludes PassthroughSupport, which
+/// DeviceMetadata needs.)
+fn metadata_attributes(shared: &Shared, name: &str) -> BTreeMap<String, DeviceAttribute> {
+    shared
+        .published
+        .iter()
+        .find(|d| d.name == name)
+        .and_then(|d| d.attributes.clone())
+        .unwrap_or_default()
+        .into_iter()
+        .collect()
 }
 
 /// What a container using an MPS daemon's devices gets: the pipe directory
@@ -953,6 +1035,7 @@ fn roll_back_after_failure(shared: &Shared, ledger: &mut Ledger, uid: &str) {
         // The entry goes anyway: a spec without an entry is an orphan, removed at start-up.
         tracing::warn!(claim_uid = uid, error = %error_chain(&err), "cannot remove the CDI spec of a failed prepare");
     }
+    shared.remove_metadata(uid);
     ledger.state_mut().remove(uid);
 }
 

@@ -88,10 +88,11 @@ fn drop_entry(shared: &Shared, ledger: &mut Ledger, uid: &str, expect: Expect) -
     let Some(entry) = ledger.state().claim(uid) else {
         // Unknown claim: success. A spec may still exist if the entry was lost (a checkpoint
         // set aside as corrupt); removing it is harmless, and the UID must be valid to name it.
-        if cdi::validate_claim_uid(uid).is_ok()
-            && let Err(err) = shared.cdi.remove_claim_spec(uid)
-        {
-            tracing::debug!(claim_uid = uid, error = %error_chain(&err), "cannot remove the CDI spec of an unknown claim");
+        if cdi::validate_claim_uid(uid).is_ok() {
+            if let Err(err) = shared.cdi.remove_claim_spec(uid) {
+                tracing::debug!(claim_uid = uid, error = %error_chain(&err), "cannot remove the CDI spec of an unknown claim");
+            }
+            shared.remove_metadata(uid);
         }
         return false;
     };
@@ -101,10 +102,11 @@ fn drop_entry(shared: &Shared, ledger: &mut Ledger, uid: &str, expect: Expect) -
     }
     let claim = entry.claim_ref(uid);
     super::prepare::undo_entry(shared, entry, &claim);
-    if cdi::validate_claim_uid(uid).is_ok()
-        && let Err(err) = shared.cdi.remove_claim_spec(uid)
-    {
-        tracing::warn!(%claim, error = %error_chain(&err), "cannot remove the CDI spec; start-up will remove it as an orphan");
+    if cdi::validate_claim_uid(uid).is_ok() {
+        if let Err(err) = shared.cdi.remove_claim_spec(uid) {
+            tracing::warn!(%claim, error = %error_chain(&err), "cannot remove the CDI spec; start-up will remove it as an orphan");
+        }
+        shared.remove_metadata(uid);
     }
     ledger.state_mut().remove(uid);
     tracing::debug!(%claim, "claim unprepared");

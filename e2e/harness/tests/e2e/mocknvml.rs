@@ -504,9 +504,10 @@ pub const PASSTHROUGH_NODE: &str = "vfio-h100";
 /// fake kernel rebinds devices when the agent writes the driver files): a
 /// pod asks for a `vfio.gpu.nvidia.com` device; the agent binds its GPU to
 /// vfio-pci, the CDI spec gives the container the IOMMU group's node and no
-/// driver files, and the GPU's `gpu-<minor>` sibling leaves the
-/// ResourceSlice; deleting the pod binds the GPU back to nvidia and offers
-/// it as a GPU again.
+/// driver files, the container finds the GPU's PCI address in its KEP-5304
+/// device metadata file (`DeviceMetadata`), and the GPU's `gpu-<minor>`
+/// sibling leaves the ResourceSlice; deleting the pod binds the GPU back to
+/// nvidia, removes the metadata and offers the GPU as a GPU again.
 pub async fn vfio_passthrough_claim(env: Arc<Env>) -> Result<()> {
     let sysfs = env.cluster.node_dirs(PASSTHROUGH_NODE).dir.join("sys");
     let _kernel = nvdra_nvml_mock::pci::FakeKernel::spawn(&sysfs).map_err(anyhow::Error::msg)?;
@@ -556,6 +557,22 @@ spec:
             && !cdi.contains("libnvidia-ml"),
         "the CDI spec is not a passthrough spec for group {group}:\n{cdi}"
     );
+    let metadata = metadata_file(&env, &pod, "vm-gpu", "vm")?;
+    let object: Value = serde_json::from_str(
+        std::fs::read_to_string(&metadata)
+            .with_context(|| format!("read {}", metadata.display()))?
+            .lines()
+            .next()
+            .context("an empty metadata file")?,
+    )?;
+    let described = &object["requests"][0]["devices"][0];
+    ensure!(
+        object["apiVersion"] == "metadata.resource.k8s.io/v1beta1"
+            && object["metadata"]["uid"] == uid(&claim).as_str()
+            && described["name"] == name.as_str()
+            && described["attributes"]["resource.kubernetes.io/pciBusID"]["string"] == bdf.as_str(),
+        "the device metadata does not describe {name} at {bdf}: {object}"
+    );
     // The same GPU is not on offer as a GPU while it is passed through.
     let sibling = |devices: &BTreeMap<(String, String), Value>| {
         devices.iter().any(|((_, n), d)| {
@@ -572,6 +589,11 @@ spec:
 
     env.delete_pod(&ns, "vm", Duration::from_secs(60)).await?;
     ensure!(
+        !metadata.exists(),
+        "{} outlived the claim",
+        metadata.display()
+    );
+    ensure!(
         driver()? == nvdra_gpu::vfio::PciDriver::Nvidia,
         "{bdf} is on {} after the pod, not nvidia",
         driver()?
@@ -582,6 +604,31 @@ spec:
         || async { Ok(sibling(&published(&env, PASSTHROUGH_NODE).await?)) },
     )
     .await
+}
+
+/// The host file the emulator mounted in `pod`'s containers as the device metadata of
+/// `request` of the claim named `claim`.
+fn metadata_file(env: &Env, pod: &Pod, claim: &str, request: &str) -> Result<std::path::PathBuf> {
+    let pod_uid = pod.metadata.uid.clone().unwrap_or_default();
+    let path = env
+        .cluster
+        .node_dirs(&node_of(pod))
+        .pod(&pod_uid)
+        .join("container-edits.json");
+    let edits: Value = serde_json::from_slice(
+        &std::fs::read(&path).with_context(|| format!("read {}", path.display()))?,
+    )?;
+    let wanted = format!(
+        "/var/run/kubernetes.io/dra-device-attributes/resourceclaims/{claim}/{request}/gpu.nvidia.com-metadata.json"
+    );
+    edits["mounts"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|m| m["containerPath"] == wanted.as_str())
+        .and_then(|m| m["hostPath"].as_str())
+        .map(std::path::PathBuf::from)
+        .with_context(|| format!("no mount at {wanted} in {}: {edits}", path.display()))
 }
 
 /// The node of the DynamicMIG cluster: an H100 node on the mock library.
