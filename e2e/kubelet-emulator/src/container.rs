@@ -12,9 +12,17 @@
 //! children it forks; signals are sent with the `kill` utility (no unsafe
 //! code). A process is also killed if its supervisor is dropped.
 //!
-//! [`supervise`] runs one container for its whole life: start, readiness
-//! probe, restart with backoff per the pod's restart policy, and stop with a
-//! grace period. It reports every state change as an [`Update`].
+//! [`supervise`] runs one container for its whole life: start, probes,
+//! restart with backoff per the pod's restart policy, and stop with a grace
+//! period. It reports every state change as an [`Update`].
+//!
+//! Exec probes follow the kubelet's rules ([`Probes`]): a startup probe runs
+//! first and holds the other two back; once it succeeds the readiness probe
+//! runs at once (the kubelet triggers it on the started transition) and then
+//! every period, and the liveness probe every period; a container without a
+//! readiness probe is ready when started. A failed startup or liveness probe
+//! kills the container, which then restarts unless the policy is `Never`.
+//! Initial delays count from the container's start.
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -188,7 +196,7 @@ impl Restart {
     }
 }
 
-/// An exec readiness probe, resolved to a program.
+/// An exec probe, resolved to a program.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ProbeSpec {
     /// The program.
@@ -208,15 +216,14 @@ pub struct ProbeSpec {
 }
 
 impl ProbeSpec {
-    /// The exec probe of `probe` with its program found in `bin_dir`; `None`
-    /// when it has no exec action (other kinds are not emulated and count as
-    /// no probe).
-    pub fn from_probe(bin_dir: &Path, probe: &Probe) -> Result<Option<Self>, String> {
+    /// The exec probe of `probe` (the container's `kind`, e.g. `readinessProbe`)
+    /// with its program found in `bin_dir`; `None` when it has no exec action
+    /// (other kinds are not emulated and count as no probe).
+    pub fn from_probe(bin_dir: &Path, kind: &str, probe: &Probe) -> Result<Option<Self>, String> {
         let Some(command) = probe.exec.as_ref().and_then(|e| e.command.as_ref()) else {
             return Ok(None);
         };
-        let (program, args) =
-            program(bin_dir, command, &[]).map_err(|e| format!("readinessProbe: {e}"))?;
+        let (program, args) = program(bin_dir, command, &[]).map_err(|e| format!("{kind}: {e}"))?;
         let secs = |v: Option<i32>, default: i32| {
             Duration::from_secs(u64::try_from(v.unwrap_or(default).max(0)).unwrap_or(0))
         };
@@ -231,6 +238,32 @@ impl ProbeSpec {
             success_threshold: count(probe.success_threshold, 1),
             failure_threshold: count(probe.failure_threshold, 3),
         }))
+    }
+}
+
+/// The exec probes of a container.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Probes {
+    /// `startupProbe`.
+    pub startup: Option<ProbeSpec>,
+    /// `livenessProbe`.
+    pub liveness: Option<ProbeSpec>,
+    /// `readinessProbe`.
+    pub readiness: Option<ProbeSpec>,
+}
+
+impl Probes {
+    /// The probes of `c`, their programs found in `bin_dir`.
+    pub fn of(bin_dir: &Path, c: &Container) -> Result<Self, String> {
+        let spec = |kind: &str, probe: &Option<Probe>| match probe {
+            Some(p) => ProbeSpec::from_probe(bin_dir, kind, p),
+            None => Ok(None),
+        };
+        Ok(Self {
+            startup: spec("startupProbe", &c.startup_probe)?,
+            liveness: spec("livenessProbe", &c.liveness_probe)?,
+            readiness: spec("readinessProbe", &c.readiness_probe)?,
+        })
     }
 }
 
@@ -249,10 +282,12 @@ pub struct LocalContainer {
     pub cwd: PathBuf,
     /// Where stdout and stderr are appended.
     pub log: PathBuf,
-    /// Exec readiness probe, if any.
-    pub probe: Option<ProbeSpec>,
+    /// Its exec probes.
+    pub probes: Probes,
     /// Restart policy.
     pub restart: Restart,
+    /// How long a container a probe failed gets between SIGTERM and SIGKILL.
+    pub grace: Duration,
 }
 
 /// A state change of a supervised container.
@@ -329,35 +364,39 @@ pub async fn supervise(
             name: c.name.clone(),
             at: started_at,
         });
-        let probe = match &c.probe {
-            None => {
-                let _ = updates.send(Update::Ready {
-                    name: c.name.clone(),
-                    ready: true,
-                });
-                None
-            }
-            Some(spec) => Some(tokio::spawn(probe_loop(
-                c.name.clone(),
-                spec.clone(),
-                c.env.clone(),
-                c.cwd.clone(),
-                updates.clone(),
-            ))),
-        };
+        let (kill_tx, mut kill_rx) = mpsc::channel(1);
+        let prober = tokio::spawn(run_probes(
+            c.name.clone(),
+            c.probes.clone(),
+            c.env.clone(),
+            c.cwd.clone(),
+            updates.clone(),
+            kill_tx,
+        ));
+        let mut killed = false;
         let status = tokio::select! {
             status = child.wait() => status,
+            Some(why) = kill_rx.recv() => {
+                tracing::info!(container = %c.name, %why, "probe failed; killing the container");
+                killed = true;
+                terminate(&mut child, c.grace).await
+            }
             _ = stopped(&mut stop) => {
                 let grace = (*stop.borrow()).unwrap_or_default();
                 terminate(&mut child, grace).await
             }
         };
-        if let Some(probe) = probe {
-            probe.abort();
-        }
+        prober.abort();
         let exit_code = exit_code(status);
         let stopping = stop.borrow().is_some();
-        let restarting = !stopping && c.restart.restarts(exit_code);
+        // A container its probe failed is restarted even if it exited 0 on
+        // SIGTERM, as the kubelet restarts it: only `Never` keeps it down.
+        let restarting = !stopping
+            && if killed {
+                c.restart != Restart::Never
+            } else {
+                c.restart.restarts(exit_code)
+            };
         tracing::info!(container = %c.name, exit_code, restarting, "local container exited");
         let _ = updates.send(Update::Exited {
             name: c.name.clone(),
@@ -472,18 +511,85 @@ async fn terminate(
     child.wait().await
 }
 
-async fn probe_loop(
+/// Runs a started container's probes (see the module docs) until aborted;
+/// sends on `kill` why the container must die when a startup or liveness
+/// probe fails.
+async fn run_probes(
     name: String,
-    spec: ProbeSpec,
+    probes: Probes,
     env: Vec<(String, String)>,
     cwd: PathBuf,
     updates: mpsc::UnboundedSender<Update>,
+    kill: mpsc::Sender<String>,
 ) {
-    tokio::time::sleep(spec.initial_delay).await;
+    let started = tokio::time::Instant::now();
+    if let Some(spec) = &probes.startup {
+        tokio::time::sleep_until(started + spec.initial_delay).await;
+        let mut failures = 0u32;
+        loop {
+            if run_probe(spec, &env, &cwd).await {
+                break;
+            }
+            failures += 1;
+            if failures >= spec.failure_threshold {
+                let _ = kill
+                    .send(format!("startup probe failed {failures} times"))
+                    .await;
+                return;
+            }
+            tokio::time::sleep(spec.period).await;
+        }
+    }
+    let readiness = async {
+        match &probes.readiness {
+            None => {
+                let _ = updates.send(Update::Ready {
+                    name: name.clone(),
+                    ready: true,
+                });
+            }
+            Some(spec) => {
+                tokio::time::sleep_until(started + spec.initial_delay).await;
+                readiness_loop(&name, spec, &env, &cwd, &updates).await;
+            }
+        }
+    };
+    let liveness = async {
+        let Some(spec) = &probes.liveness else {
+            return;
+        };
+        tokio::time::sleep_until(started + spec.initial_delay).await;
+        let mut failures = 0u32;
+        loop {
+            if run_probe(spec, &env, &cwd).await {
+                failures = 0;
+            } else {
+                failures += 1;
+                if failures >= spec.failure_threshold {
+                    let _ = kill
+                        .send(format!("liveness probe failed {failures} times"))
+                        .await;
+                    return;
+                }
+            }
+            tokio::time::sleep(spec.period).await;
+        }
+    };
+    tokio::join!(readiness, liveness);
+}
+
+/// Probes readiness every period, reporting the first result and every change.
+async fn readiness_loop(
+    name: &str,
+    spec: &ProbeSpec,
+    env: &[(String, String)],
+    cwd: &Path,
+    updates: &mpsc::UnboundedSender<Update>,
+) {
     let (mut ready, mut successes, mut failures) = (false, 0u32, 0u32);
     let mut first = true;
     loop {
-        let ok = run_probe(&spec, &env, &cwd).await;
+        let ok = run_probe(spec, env, cwd).await;
         if ok {
             successes += 1;
             failures = 0;
@@ -502,7 +608,7 @@ async fn probe_loop(
             ready = next;
             first = false;
             let _ = updates.send(Update::Ready {
-                name: name.clone(),
+                name: name.to_owned(),
                 ready,
             });
         }
@@ -733,7 +839,7 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(
-            ProbeSpec::from_probe(Path::new("/b"), &probe),
+            ProbeSpec::from_probe(Path::new("/b"), "readinessProbe", &probe),
             Ok(Some(ProbeSpec {
                 program: "/b/ready".into(),
                 args: vec!["-q".into()],
@@ -745,7 +851,7 @@ mod tests {
             }))
         );
         assert_eq!(
-            ProbeSpec::from_probe(Path::new("/b"), &Probe::default()),
+            ProbeSpec::from_probe(Path::new("/b"), "readinessProbe", &Probe::default()),
             Ok(None)
         );
     }
@@ -760,8 +866,9 @@ mod tests {
             env: vec![("GREETING".into(), "hi".into())],
             cwd: dir.path().to_owned(),
             log: dir.path().join("c.log"),
-            probe: None,
+            probes: Probes::default(),
             restart: Restart::Never,
+            grace: Duration::from_secs(1),
         };
         let (tx, mut rx) = mpsc::unbounded_channel();
         let (_stop_tx, stop) = watch::channel(None);
@@ -833,5 +940,138 @@ mod tests {
             ),
             "{last:?}"
         );
+    }
+
+    fn sh_probe(script: &str, period_secs: u64, failure_threshold: u32) -> ProbeSpec {
+        ProbeSpec {
+            program: "/bin/sh".into(),
+            args: vec!["-c".into(), script.into()],
+            initial_delay: Duration::ZERO,
+            period: Duration::from_secs(period_secs),
+            timeout: Duration::from_secs(1),
+            success_threshold: 1,
+            failure_threshold,
+        }
+    }
+
+    fn sh_container(dir: &Path, script: &str, probes: Probes, restart: Restart) -> LocalContainer {
+        LocalContainer {
+            name: "c".into(),
+            program: "/bin/sh".into(),
+            args: vec!["-c".into(), script.into()],
+            env: Vec::new(),
+            cwd: dir.to_owned(),
+            log: dir.join("c.log"),
+            probes,
+            restart,
+            grace: Duration::from_secs(1),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_startup_probe_holds_readiness_back_until_it_passes() {
+        let dir = tempfile::tempdir().unwrap();
+        let probes = Probes {
+            startup: Some(sh_probe("test -e started", 1, 30)),
+            liveness: None,
+            // Would pass at once, and next only after 10 s.
+            readiness: Some(sh_probe("true", 10, 1)),
+        };
+        let c = sh_container(
+            dir.path(),
+            "sleep 1.2; touch started; while :; do sleep 0.05; done",
+            probes,
+            Restart::Always,
+        );
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (stop_tx, stop) = watch::channel(None);
+        let task = tokio::spawn(supervise(c, tx, stop));
+        assert!(matches!(rx.recv().await, Some(Update::Started { .. })));
+        let start = tokio::time::Instant::now();
+        let update = tokio::time::timeout(Duration::from_secs(5), rx.recv())
+            .await
+            .unwrap();
+        let waited = start.elapsed();
+        assert!(
+            matches!(update, Some(Update::Ready { ready: true, .. })),
+            "{update:?}"
+        );
+        assert!(
+            waited >= Duration::from_millis(1200),
+            "ready after {waited:?}, before the startup probe could pass"
+        );
+        assert!(
+            waited < Duration::from_secs(4),
+            "ready after {waited:?}: readiness waited for its own period"
+        );
+        stop_tx.send(Some(Duration::from_secs(1))).unwrap();
+        task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_failing_liveness_probe_kills_and_restarts_the_container() {
+        let dir = tempfile::tempdir().unwrap();
+        let probes = Probes {
+            startup: None,
+            liveness: Some(sh_probe("false", 1, 2)),
+            readiness: None,
+        };
+        let c = sh_container(
+            dir.path(),
+            "while :; do sleep 0.05; done",
+            probes,
+            Restart::Always,
+        );
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (stop_tx, stop) = watch::channel(None);
+        let task = tokio::spawn(supervise(c, tx, stop));
+        let mut kinds = Vec::new();
+        while kinds.len() < 4 {
+            let update = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+                .await
+                .unwrap()
+                .unwrap();
+            kinds.push(match update {
+                Update::Started { .. } => "started".to_owned(),
+                Update::Ready { ready, .. } => format!("ready={ready}"),
+                Update::Exited { restarting, .. } => format!("exited restarting={restarting}"),
+            });
+        }
+        assert_eq!(
+            kinds,
+            ["started", "ready=true", "exited restarting=true", "started"]
+        );
+        stop_tx.send(Some(Duration::from_secs(1))).unwrap();
+        task.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_failing_startup_probe_kills_the_container_and_never_readies_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let probes = Probes {
+            startup: Some(sh_probe("false", 1, 1)),
+            liveness: None,
+            readiness: None,
+        };
+        let c = sh_container(
+            dir.path(),
+            "while :; do sleep 0.05; done",
+            probes,
+            Restart::Never,
+        );
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let (_stop_tx, stop) = watch::channel(None);
+        tokio::time::timeout(Duration::from_secs(10), supervise(c, tx, stop))
+            .await
+            .unwrap();
+        let mut kinds = Vec::new();
+        while let Ok(update) = rx.try_recv() {
+            kinds.push(match update {
+                Update::Started { .. } => "started".to_owned(),
+                Update::Ready { ready, .. } => format!("ready={ready}"),
+                Update::Exited { restarting, .. } => format!("exited restarting={restarting}"),
+            });
+        }
+        assert_eq!(kinds, ["started", "exited restarting=false"]);
     }
 }

@@ -36,7 +36,7 @@ use tokio::task::JoinSet;
 use crate::args::LocalImage;
 use crate::cdi::ContainerEdits;
 use crate::claims::{self, ClaimCache, ClaimDevices};
-use crate::container::{self, LocalContainer, ProbeSpec, Restart, Update};
+use crate::container::{self, LocalContainer, Probes, Restart, Update};
 use crate::events::{self, Recorder};
 use crate::ipam::{Addresses, IpPool};
 use crate::plugins::{Plugins, error_chain};
@@ -565,6 +565,7 @@ impl PodWorker {
                 name: c.name.clone(),
                 image: image.clone(),
                 ready: true,
+                started: true,
                 restart_count: before.map_or(0, |s| s.restart_count),
                 state: RunState::Running(
                     before
@@ -577,6 +578,7 @@ impl PodWorker {
             };
             if let Some(bin_dir) = container::local_bin_dir(&self.node.local_images, &image) {
                 view.ready = false;
+                view.started = false;
                 view.state = RunState::Waiting {
                     reason: "ContainerCreating".into(),
                     message: None,
@@ -684,11 +686,7 @@ impl PodWorker {
         let args = c.args.clone().unwrap_or_default();
         let (program, args) = container::program(bin_dir, &command, &args)
             .map_err(|e| format!("container {}: {e}", c.name))?;
-        let probe = match &c.readiness_probe {
-            Some(p) => ProbeSpec::from_probe(bin_dir, p)
-                .map_err(|e| format!("container {}: {e}", c.name))?,
-            None => None,
-        };
+        let probes = Probes::of(bin_dir, c).map_err(|e| format!("container {}: {e}", c.name))?;
         Ok(LocalContainer {
             name: c.name.clone(),
             program,
@@ -696,8 +694,9 @@ impl PodWorker {
             env,
             cwd: self.dir.clone(),
             log: self.dir.join(format!("{}.log", c.name)),
-            probe,
+            probes,
             restart: Restart::of(&self.pod),
+            grace: grace(&self.pod),
         })
     }
 
@@ -994,10 +993,13 @@ pub fn apply(view: &mut ContainerView, update: Update) {
         Update::Started { at, .. } => {
             view.state = RunState::Running(at);
             view.ready = false;
+            view.started = false;
         }
+        // Readiness is only reported once the startup probe passed.
         Update::Ready { ready, .. } => {
             if matches!(view.state, RunState::Running(_)) {
                 view.ready = ready;
+                view.started = true;
             }
         }
         Update::Exited {
@@ -1017,6 +1019,7 @@ pub fn apply(view: &mut ContainerView, update: Update) {
                 finished_at,
             };
             view.ready = false;
+            view.started = false;
             if restarting {
                 view.restart_count += 1;
                 view.last_terminated = Some(ended);
@@ -1084,6 +1087,7 @@ mod tests {
             name: "c".into(),
             image: "i".into(),
             ready: false,
+            started: false,
             restart_count: 0,
             state: RunState::Waiting {
                 reason: "ContainerCreating".into(),
@@ -1106,6 +1110,7 @@ mod tests {
                 at: t("2025-01-01T00:00:00Z"),
             },
         );
+        assert!(!view.started, "started before the startup probe passed");
         apply(
             &mut view,
             Update::Ready {
@@ -1114,8 +1119,8 @@ mod tests {
             },
         );
         assert_eq!(
-            (view.ready, &view.state),
-            (true, &RunState::Running(t("2025-01-01T00:00:00Z")))
+            (view.ready, view.started, &view.state),
+            (true, true, &RunState::Running(t("2025-01-01T00:00:00Z")))
         );
         let exit = |restarting| Update::Exited {
             name: "c".into(),

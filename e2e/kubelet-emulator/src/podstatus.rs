@@ -36,6 +36,9 @@ pub struct ContainerView {
     pub image: String,
     /// Readiness.
     pub ready: bool,
+    /// Whether the running container passed its startup probe (at once
+    /// without one); `containerStatuses[].started`.
+    pub started: bool,
     /// Restarts so far.
     pub restart_count: i32,
     /// Current state.
@@ -187,7 +190,7 @@ pub fn build(
             image_id: c.image.clone(),
             container_id: Some(format!("emulator://{uid}/{}", c.name)),
             ready: c.ready,
-            started: Some(matches!(c.state, RunState::Running(_))),
+            started: Some(c.started && matches!(c.state, RunState::Running(_))),
             restart_count: c.restart_count,
             state: Some(state(&c.state)),
             last_state: c
@@ -314,6 +317,7 @@ mod tests {
             name: name.into(),
             image: "img:v1".into(),
             ready,
+            started: true,
             restart_count: 0,
             state,
             last_terminated: None,
