@@ -11,6 +11,7 @@
 //! - one claim with one full GPU (the common case; target p99 ≤ 5 ms);
 //! - eight claims with one GPU each in one call;
 //! - the same single-claim loop with the CDI root on tmpfs, as `/var/run/cdi` is on a node;
+//! - the same single-claim loop with the `DeviceMetadata` gate (a metadata file per request);
 //! - the same single-claim loop with the batch run inline on the async runtime instead of
 //!   `spawn_blocking`, to price the hand-off.
 //!
@@ -39,7 +40,7 @@ use std::time::{Duration, Instant};
 use nvdra_agent::cdi::{CdiStore, CommonEdits, CommonOptions, Hooks, RootMapping};
 use nvdra_agent::driver::{GpuDriver, GpuDriverConfig};
 use nvdra_agent::metrics::Metrics;
-use nvdra_api::FeatureGates;
+use nvdra_api::{FeatureGate, FeatureGates};
 use nvdra_gpu::{FakeBackend, GpuBackend};
 use nvdra_kubelet_plugin::proto::dra_v1;
 use nvdra_kubelet_plugin::proto::registration::registration_client::RegistrationClient;
@@ -189,6 +190,28 @@ async fn run(settings: &Settings, full: bool) {
     );
     conditions(disk.root.path(), settings.floor_samples / 5);
     inline.stop().await;
+
+    // Variant: device metadata (needs PassthroughSupport, which GPU claims do not use).
+    let metadata_dirs = Dirs::new();
+    let gates = FeatureGates::default()
+        .with(FeatureGate::PassthroughSupport, true)
+        .with(FeatureGate::DeviceMetadata, true);
+    let metadata = Bench::start_with(&metadata_dirs, None, gates).await;
+    for _ in 0..settings.warmup {
+        metadata.cycle(&[0]).await;
+    }
+    let (prepare_metadata, unprepare_metadata) =
+        metadata.cycles(&[0], settings.variant_cycles).await;
+    report(
+        "1 claim x 1 GPU, DeviceMetadata: NodePrepareResources",
+        &prepare_metadata,
+    );
+    report(
+        "1 claim x 1 GPU, DeviceMetadata: NodeUnprepareResources",
+        &unprepare_metadata,
+    );
+    conditions(disk.root.path(), settings.floor_samples / 5);
+    metadata.stop().await;
 
     // Variant: CDI root on tmpfs, as /var/run/cdi on a node.
     let shm = Path::new("/dev/shm");
@@ -423,8 +446,12 @@ struct Bench {
 
 impl Bench {
     async fn start(dirs: &Dirs, cdi_root: Option<&Path>) -> Self {
+        Self::start_with(dirs, cdi_root, FeatureGates::default()).await
+    }
+
+    async fn start_with(dirs: &Dirs, cdi_root: Option<&Path>, gates: FeatureGates) -> Self {
         let cdi = cdi_root.unwrap_or(&dirs.cdi).to_owned();
-        let (config, registry) = config_at(&dirs.data, &cdi, H100, FeatureGates::default());
+        let (config, registry) = config_at(&dirs.data, &cdi, H100, gates);
         let (driver, _startup) = GpuDriver::start(config).unwrap();
         let driver = Arc::new(driver);
         let reader = Arc::new(InMemoryClaimReader::new());

@@ -20,15 +20,22 @@
 //!
 //! Files live on the host under `<plugin data dir>/metadata/<claimUID>/<request>/` (a path the
 //! agent sees at the same place as the host, like the MPS directories). [`render`] is pure;
-//! [`MetadataStore`] writes a claim's files atomically (temporary file, fsync, rename, directory
-//! fsync) before the claim's CDI spec is written, and removes the claim's directory wherever the
-//! spec is removed. A crash in between leaves a directory without a checkpoint entry, which
-//! start-up removes ([`MetadataStore::list_claims`]).
+//! [`MetadataStore`] writes a claim's files into a fresh claim directory before the claim's CDI
+//! spec is written, and removes the directory wherever the spec is removed. A crash in between
+//! leaves a directory without a checkpoint entry, which start-up removes
+//! ([`MetadataStore::list_claims`]).
+//!
+//! The files are not fsynced, unlike the spec and the checkpoint: no container reads one before
+//! Prepare returns (so a half-written file after an agent crash belongs to a `PrepareStarted`
+//! claim, which start-up rolls back), an agent crash keeps the page cache, and after a power
+//! loss the new boot empties the checkpoint, so start-up removes every claim directory and the
+//! kubelet prepares the claims again. That keeps the gate's cost to one small write per request
+//! (docs/performance.md).
 //!
 //! Failure modes are the variants of [`Error`], each named for the failed operation.
 
 use std::collections::BTreeMap;
-use std::fs::{DirBuilder, File};
+use std::fs::DirBuilder;
 use std::io;
 use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
@@ -57,8 +64,8 @@ pub const KIND: &str = "DeviceMetadata";
 /// Name of the directory under the plugin data directory.
 pub const DIR_NAME: &str = "metadata";
 
-/// Mode of directories: the files are read by container runtimes (root) and by tools that
-/// need not be.
+/// Mode of directories (files get the CDI store's 0644): the files are read by container
+/// runtimes (root), and by workloads that need not run as root.
 const DIR_MODE: u32 = 0o755;
 
 /// Options of the bind mount: the protocol wants the file read-only in the container.
@@ -316,14 +323,11 @@ impl MetadataStore {
                     source,
                 })?;
             let path = request_dir.join(format!("{}-metadata.json", self.driver));
-            let temp = request_dir.join(format!(".{}-metadata.json.tmp", self.driver));
-            cdi::store::write_new_file(&temp, &file.contents)
-                .and_then(|()| std::fs::rename(&temp, &path))
-                .and_then(|()| File::open(&request_dir)?.sync_all())
-                .map_err(|source| Error::Write {
-                    path: path.clone(),
-                    source,
-                })?;
+            // Not synced: see the module docs.
+            cdi::store::create_new_file(&path, &file.contents).map_err(|source| Error::Write {
+                path: path.clone(),
+                source,
+            })?;
             mounts.push((
                 file.request,
                 Mount {

@@ -288,7 +288,13 @@ fn check_belongs_to_claim(kind: &str, claim_uid: &str, spec: &Spec) -> Result<()
 
 /// Creates `path` (never following or reusing an existing entry), writes
 /// `bytes` and syncs them to disk.
-pub(crate) fn write_new_file(path: &Path, bytes: &[u8]) -> io::Result<()> {
+fn write_new_file(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    create_new_file(path, bytes)?.sync_all()
+}
+
+/// Creates `path` with mode 0644, never following or reusing an existing entry, and writes
+/// `bytes`; whether to sync is the caller's choice.
+pub(crate) fn create_new_file(path: &Path, bytes: &[u8]) -> io::Result<File> {
     let mut file = OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -297,7 +303,7 @@ pub(crate) fn write_new_file(path: &Path, bytes: &[u8]) -> io::Result<()> {
     // The process umask may have narrowed the mode; set it exactly.
     file.set_permissions(std::fs::Permissions::from_mode(FILE_MODE))?;
     file.write_all(bytes)?;
-    file.sync_all()
+    Ok(file)
 }
 
 #[cfg(test)]
