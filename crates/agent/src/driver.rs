@@ -388,6 +388,7 @@ impl GpuDriver {
             claims = ledger.state().claims().count(),
             rolled_back = startup.rolled_back.len(),
             orphan_specs_removed = startup.orphan_specs_removed,
+            orphan_metadata_removed = startup.orphan_metadata_removed,
             unaccounted_specs = startup.unaccounted_specs.len(),
             "gpu driver started"
         );
