@@ -38,7 +38,7 @@ use std::collections::BTreeMap;
 use std::fs::DirBuilder;
 use std::io;
 use std::os::unix::fs::DirBuilderExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use k8s_openapi::api::resource::v1::DeviceAttribute;
 use serde_json::{Value, json};
@@ -288,11 +288,6 @@ impl MetadataStore {
             root: root.into(),
             driver,
         }
-    }
-
-    /// The root directory.
-    pub fn root(&self) -> &Path {
-        &self.root
     }
 
     /// The directory of one claim.

@@ -875,16 +875,7 @@ mod tests {
         supervise(c.clone(), tx, stop).await;
         let mut kinds = Vec::new();
         while let Ok(u) = rx.try_recv() {
-            kinds.push(match u {
-                Update::Started { .. } => "started".to_owned(),
-                Update::Ready { ready, .. } => format!("ready={ready}"),
-                Update::Exited {
-                    exit_code,
-                    reason,
-                    restarting,
-                    ..
-                } => format!("exited {exit_code} {reason} restarting={restarting}"),
-            });
+            kinds.push(label(&u));
         }
         assert_eq!(
             kinds,
@@ -940,6 +931,20 @@ mod tests {
             ),
             "{last:?}"
         );
+    }
+
+    /// An update as the tests compare it.
+    fn label(update: &Update) -> String {
+        match update {
+            Update::Started { .. } => "started".to_owned(),
+            Update::Ready { ready, .. } => format!("ready={ready}"),
+            Update::Exited {
+                exit_code,
+                reason,
+                restarting,
+                ..
+            } => format!("exited {exit_code} {reason} restarting={restarting}"),
+        }
     }
 
     fn sh_probe(script: &str, period_secs: u64, failure_threshold: u32) -> ProbeSpec {
@@ -1031,15 +1036,16 @@ mod tests {
                 .await
                 .unwrap()
                 .unwrap();
-            kinds.push(match update {
-                Update::Started { .. } => "started".to_owned(),
-                Update::Ready { ready, .. } => format!("ready={ready}"),
-                Update::Exited { restarting, .. } => format!("exited restarting={restarting}"),
-            });
+            kinds.push(label(&update));
         }
         assert_eq!(
             kinds,
-            ["started", "ready=true", "exited restarting=true", "started"]
+            [
+                "started",
+                "ready=true",
+                "exited 143 Error restarting=true",
+                "started"
+            ]
         );
         stop_tx.send(Some(Duration::from_secs(1))).unwrap();
         task.await.unwrap();
@@ -1066,12 +1072,8 @@ mod tests {
             .unwrap();
         let mut kinds = Vec::new();
         while let Ok(update) = rx.try_recv() {
-            kinds.push(match update {
-                Update::Started { .. } => "started".to_owned(),
-                Update::Ready { ready, .. } => format!("ready={ready}"),
-                Update::Exited { restarting, .. } => format!("exited restarting={restarting}"),
-            });
+            kinds.push(label(&update));
         }
-        assert_eq!(kinds, ["started", "exited restarting=false"]);
+        assert_eq!(kinds, ["started", "exited 143 Error restarting=false"]);
     }
 }

@@ -14,9 +14,8 @@ use kube::api::{DeleteParams, ListParams};
 use nvdra_api::{ComputeDomain, ComputeDomainClique};
 use nvdra_e2e::cluster::NAMESPACE;
 use nvdra_e2e::wait;
-use serde_json::Value;
 
-use super::env::{Env, node_of};
+use super::env::{Env, container_edits, node_of};
 
 pub const FABRIC_NODES: [&str; 4] = ["gb200-0", "gb200-1", "gb200-2", "gb200-3"];
 
@@ -76,15 +75,7 @@ pub(super) async fn wait_domain_ready(
 
 /// The device nodes the emulator recorded for a pod's containers.
 pub fn device_nodes(env: &Env, pod: &Pod) -> Result<Vec<String>> {
-    let uid = pod.metadata.uid.clone().unwrap_or_default();
-    let path = env
-        .cluster
-        .node_dirs(&node_of(pod))
-        .pod(&uid)
-        .join("container-edits.json");
-    let edits: Value = serde_json::from_slice(
-        &std::fs::read(&path).with_context(|| format!("read {}", path.display()))?,
-    )?;
+    let edits = container_edits(env, pod)?;
     Ok(edits["deviceNodes"]
         .as_array()
         .into_iter()

@@ -215,6 +215,20 @@ pub fn node_of(pod: &Pod) -> String {
         .unwrap_or_default()
 }
 
+/// The container edits (env, mounts, device nodes) the kubelet emulator recorded for a pod's
+/// containers, from its `container-edits.json`.
+pub fn container_edits(env: &Env, pod: &Pod) -> Result<Value> {
+    let pod_uid = pod.metadata.uid.clone().unwrap_or_default();
+    let path = env
+        .cluster
+        .node_dirs(&node_of(pod))
+        .pod(&pod_uid)
+        .join("container-edits.json");
+    Ok(serde_json::from_slice(
+        &std::fs::read(&path).with_context(|| format!("read {}", path.display()))?,
+    )?)
+}
+
 pub fn uid(claim: &ResourceClaim) -> String {
     claim.metadata.uid.clone().unwrap_or_default()
 }

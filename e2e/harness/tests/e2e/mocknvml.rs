@@ -18,7 +18,7 @@ use kube::api::ListParams;
 use nvdra_gpu::MigCapabilities;
 use serde_json::Value;
 
-use super::env::{Env, RUNNING, allocated, node_of, uid};
+use super::env::{Env, RUNNING, allocated, container_edits, node_of, uid};
 
 /// The node whose agent runs the NVML backend over the mock library.
 pub const NVML_NODE: &str = "nvml-a100";
@@ -609,15 +609,7 @@ spec:
 /// The host file the emulator mounted in `pod`'s containers as the device metadata of
 /// `request` of the claim named `claim`.
 fn metadata_file(env: &Env, pod: &Pod, claim: &str, request: &str) -> Result<std::path::PathBuf> {
-    let pod_uid = pod.metadata.uid.clone().unwrap_or_default();
-    let path = env
-        .cluster
-        .node_dirs(&node_of(pod))
-        .pod(&pod_uid)
-        .join("container-edits.json");
-    let edits: Value = serde_json::from_slice(
-        &std::fs::read(&path).with_context(|| format!("read {}", path.display()))?,
-    )?;
+    let edits = container_edits(env, pod)?;
     let wanted = format!(
         "/var/run/kubernetes.io/dra-device-attributes/resourceclaims/{claim}/{request}/gpu.nvidia.com-metadata.json"
     );
@@ -628,7 +620,7 @@ fn metadata_file(env: &Env, pod: &Pod, claim: &str, request: &str) -> Result<std
         .find(|m| m["containerPath"] == wanted.as_str())
         .and_then(|m| m["hostPath"].as_str())
         .map(std::path::PathBuf::from)
-        .with_context(|| format!("no mount at {wanted} in {}: {edits}", path.display()))
+        .with_context(|| format!("no mount at {wanted} in the pod's container edits: {edits}"))
 }
 
 /// The node of the DynamicMIG cluster: an H100 node on the mock library.
