@@ -973,6 +973,53 @@ mod tests {
         }
     }
 
+    /// A container under [`supervise`], for tests.
+    struct Supervised {
+        updates: mpsc::UnboundedReceiver<Update>,
+        stop: watch::Sender<Option<Duration>>,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    impl Supervised {
+        fn start(c: LocalContainer) -> Self {
+            let (tx, updates) = mpsc::unbounded_channel();
+            let (stop, stop_rx) = watch::channel(None);
+            let task = tokio::spawn(supervise(c, tx, stop_rx));
+            Self {
+                updates,
+                stop,
+                task,
+            }
+        }
+
+        /// The next update, waiting at most 10 s.
+        async fn next(&mut self) -> Update {
+            tokio::time::timeout(Duration::from_secs(10), self.updates.recv())
+                .await
+                .expect("an update within 10 s")
+                .expect("the supervisor is running")
+        }
+
+        /// Stops the container and waits for its supervisor.
+        async fn stop(self) {
+            self.stop.send(Some(Duration::from_secs(1))).unwrap();
+            self.task.await.unwrap();
+        }
+
+        /// Waits (at most 10 s) for the supervisor to end by itself; every update's label.
+        async fn finished(mut self) -> Vec<String> {
+            tokio::time::timeout(Duration::from_secs(10), &mut self.task)
+                .await
+                .expect("the supervisor ends within 10 s")
+                .unwrap();
+            let mut labels = Vec::new();
+            while let Ok(update) = self.updates.try_recv() {
+                labels.push(label(&update));
+            }
+            labels
+        }
+    }
+
     #[tokio::test]
     async fn a_startup_probe_holds_readiness_back_until_it_passes() {
         let dir = tempfile::tempdir().unwrap();
@@ -988,17 +1035,13 @@ mod tests {
             probes,
             Restart::Always,
         );
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        let (stop_tx, stop) = watch::channel(None);
-        let task = tokio::spawn(supervise(c, tx, stop));
-        assert!(matches!(rx.recv().await, Some(Update::Started { .. })));
+        let mut running = Supervised::start(c);
+        assert!(matches!(running.next().await, Update::Started { .. }));
         let start = tokio::time::Instant::now();
-        let update = tokio::time::timeout(Duration::from_secs(5), rx.recv())
-            .await
-            .unwrap();
+        let update = running.next().await;
         let waited = start.elapsed();
         assert!(
-            matches!(update, Some(Update::Ready { ready: true, .. })),
+            matches!(update, Update::Ready { ready: true, .. }),
             "{update:?}"
         );
         assert!(
@@ -1009,8 +1052,7 @@ mod tests {
             waited < Duration::from_secs(4),
             "ready after {waited:?}: readiness waited for its own period"
         );
-        stop_tx.send(Some(Duration::from_secs(1))).unwrap();
-        task.await.unwrap();
+        running.stop().await;
     }
 
     #[tokio::test]
@@ -1027,16 +1069,10 @@ mod tests {
             probes,
             Restart::Always,
         );
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        let (stop_tx, stop) = watch::channel(None);
-        let task = tokio::spawn(supervise(c, tx, stop));
+        let mut running = Supervised::start(c);
         let mut kinds = Vec::new();
         while kinds.len() < 4 {
-            let update = tokio::time::timeout(Duration::from_secs(10), rx.recv())
-                .await
-                .unwrap()
-                .unwrap();
-            kinds.push(label(&update));
+            kinds.push(label(&running.next().await));
         }
         assert_eq!(
             kinds,
@@ -1047,8 +1083,7 @@ mod tests {
                 "started"
             ]
         );
-        stop_tx.send(Some(Duration::from_secs(1))).unwrap();
-        task.await.unwrap();
+        running.stop().await;
     }
 
     #[tokio::test]
@@ -1065,15 +1100,9 @@ mod tests {
             probes,
             Restart::Never,
         );
-        let (tx, mut rx) = mpsc::unbounded_channel();
-        let (_stop_tx, stop) = watch::channel(None);
-        tokio::time::timeout(Duration::from_secs(10), supervise(c, tx, stop))
-            .await
-            .unwrap();
-        let mut kinds = Vec::new();
-        while let Ok(update) = rx.try_recv() {
-            kinds.push(label(&update));
-        }
-        assert_eq!(kinds, ["started", "exited 143 Error restarting=false"]);
+        assert_eq!(
+            Supervised::start(c).finished().await,
+            ["started", "exited 143 Error restarting=false"]
+        );
     }
 }
