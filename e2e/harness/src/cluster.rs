@@ -161,7 +161,12 @@ impl Cluster {
         }
         self.agent_ports = self.cp.free_ports(self.spec.nodes.len())?;
         if self.spec.controllers > 0 {
-            self.controller_ports = self.cp.free_ports(usize::from(self.spec.controllers))?;
+            // The agents bind theirs only after the controllers start, so
+            // a second draw could hand a controller an agent's port: that
+            // agent would then fail to bind on every restart.
+            self.controller_ports = self
+                .cp
+                .free_ports_except(usize::from(self.spec.controllers), &self.agent_ports)?;
             self.save()?;
             self.start_controllers(&rendered, &identities)?;
         } else {
@@ -318,22 +323,29 @@ impl Cluster {
         let slices: Api<ResourceSlice> = Api::all(client.clone());
         for spec in &self.spec.nodes {
             let name = spec.name.clone();
-            wait::until(timeout, &format!("node {name} Ready"), || async {
-                let node = nodes.get_opt(&name).await?;
-                Ok(node.is_some_and(|n| is_ready(&n)))
-            })
-            .await?;
-            wait::until(
-                timeout,
-                &format!("ResourceSlices of node {name}"),
-                || async {
-                    let list = slices
-                        .list(&ListParams::default().fields(&format!("spec.nodeName={name}")))
-                        .await?;
-                    Ok(pool_complete(&list.items, GPU_DRIVER))
-                },
-            )
-            .await?;
+            let published = async {
+                wait::until(timeout, &format!("node {name} Ready"), || async {
+                    let node = nodes.get_opt(&name).await?;
+                    Ok(node.is_some_and(|n| is_ready(&n)))
+                })
+                .await?;
+                wait::until(
+                    timeout,
+                    &format!("ResourceSlices of node {name}"),
+                    || async {
+                        let list = slices
+                            .list(&ListParams::default().fields(&format!("spec.nodeName={name}")))
+                            .await?;
+                        Ok(pool_complete(&list.items, GPU_DRIVER))
+                    },
+                )
+                .await
+            };
+            // The run directory is gone with a CI machine: the error must
+            // carry what the node's processes last said.
+            published
+                .await
+                .with_context(|| node_log_tails(&name, &self.node_dirs(&name), LOG_TAIL_LINES))?;
         }
         Ok(())
     }
@@ -350,6 +362,31 @@ impl Cluster {
         std::fs::write(&path, serde_json::to_vec_pretty(&state)?)
             .with_context(|| format!("write {}", path.display()))
     }
+}
+
+/// How many last lines of each node log a failed start-up reports.
+const LOG_TAIL_LINES: usize = 15;
+
+/// The last `lines` lines of a node's supervisor, emulator and agent logs,
+/// as one text for an error's context.
+fn node_log_tails(node: &str, dirs: &NodeDirs, lines: usize) -> String {
+    let mut text = format!("node {node}: last log lines");
+    for file in ["all.log", "kubelet.log", "agent.log"] {
+        let path = dirs.logs().join(file);
+        text.push_str(&format!("\n--- {}", path.display()));
+        match std::fs::read(&path) {
+            Ok(bytes) => {
+                let all = String::from_utf8_lossy(&bytes);
+                let tail: Vec<&str> = all.lines().rev().take(lines).collect();
+                for line in tail.iter().rev() {
+                    text.push('\n');
+                    text.push_str(line);
+                }
+            }
+            Err(err) => text.push_str(&format!(" (unreadable: {err})")),
+        }
+    }
+    text
 }
 
 /// `/tmp/nvdra-<hash of dir>`: where [`short_link`] puts its link.
@@ -457,4 +494,39 @@ pub fn ensure_stopped(dir: &Path) -> Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use pretty_assertions::assert_eq;
+
+    #[test]
+    fn log_tails_name_each_log_and_keep_its_last_lines() {
+        let run = std::env::temp_dir().join(format!("nvdra-log-tails-{}", std::process::id()));
+        let dirs = NodeDirs::new(&run, "h200-0");
+        std::fs::create_dir_all(dirs.logs()).unwrap();
+        std::fs::write(
+            dirs.logs().join("all.log"),
+            "all: started agent\nall: agent exited: exit status 1; restart 1 of 5\n",
+        )
+        .unwrap();
+        std::fs::write(dirs.logs().join("agent.log"), "one\ntwo\nthree\n").unwrap();
+
+        let text = node_log_tails("h200-0", &dirs, 2);
+        let logs = dirs.logs();
+        assert_eq!(
+            text,
+            format!(
+                "node h200-0: last log lines\n\
+                 --- {all}\nall: started agent\nall: agent exited: exit status 1; restart 1 of 5\n\
+                 --- {kubelet} (unreadable: No such file or directory (os error 2))\n\
+                 --- {agent}\ntwo\nthree",
+                all = logs.join("all.log").display(),
+                kubelet = logs.join("kubelet.log").display(),
+                agent = logs.join("agent.log").display(),
+            )
+        );
+        std::fs::remove_dir_all(&run).unwrap();
+    }
 }

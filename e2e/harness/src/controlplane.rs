@@ -96,6 +96,20 @@ impl ControlPlane {
         kubectl(&self.bin, &self.admin_kubeconfig(), args, stdin)
     }
 
+    /// `n` free loopback ports, none of them in `reserved` (ports handed
+    /// out earlier whose owners have not bound them yet).
+    pub fn free_ports_except(&self, n: usize, reserved: &[u16]) -> Result<Vec<u16>> {
+        // Draws are random over ~12 800 ports, so a retry almost never
+        // repeats a clash; a handful of attempts only guards the loop.
+        for _ in 0..8 {
+            let ports = self.free_ports(n)?;
+            if !ports.iter().any(|p| reserved.contains(p)) {
+                return Ok(ports);
+            }
+        }
+        bail!("nvdra-controlplane free-ports kept returning reserved ports {reserved:?}")
+    }
+
     /// `n` free loopback ports.
     pub fn free_ports(&self, n: usize) -> Result<Vec<u16>> {
         let out = Command::new(&self.bin)
