@@ -12,7 +12,9 @@
 //!    ([`crate::index`]), rewrite the hosts block when the peer mapping (the server's rows
 //!    with the own row as about to be published) changed ([`crate::hosts`]), start
 //!    `nvidia-imex` once the own row is in the mapping and send it SIGUSR1 on later mapping
-//!    changes, then apply the own row when it differs from what the server has
+//!    changes (held until the process has a handler for it, see [`crate::imex`]; a process
+//!    that starts meanwhile reads the new mapping anyway), then apply the own row when it
+//!    differs from what the server has
 //!    ([`crate::clique`]). The row's `status` is the answer of the daemon's own last
 //!    `nvidia-imex-ctl` check ([`crate::readiness`]); the first apply waits for the first
 //!    answer after `nvidia-imex` started, so a daemon joins Ready in one write.
@@ -56,6 +58,9 @@ pub const IMEX_STOP_GRACE: Duration = Duration::from_secs(5);
 /// Bounds of the retry delay after a failed apply.
 pub const APPLY_BACKOFF: (Duration, Duration) =
     (Duration::from_millis(200), Duration::from_secs(10));
+/// Bounds of the delay between looks at whether a just-started `nvidia-imex` handles SIGUSR1
+/// yet, while a re-read is held back.
+pub const RELOAD_POLL: (Duration, Duration) = (Duration::from_millis(20), Duration::from_secs(1));
 
 /// Runs the daemon until SIGTERM.
 pub async fn run(args: DaemonArgs) -> Result<(), Error> {
@@ -150,6 +155,8 @@ pub async fn run(args: DaemonArgs) -> Result<(), Error> {
             PathBuf::from(&config_path),
         ),
         restart_at: None,
+        reload_at: None,
+        reload_poll: RELOAD_POLL.0,
     };
     let mut cliques = clique_events(&state.api, &state.member.object_name()).boxed();
     // Nothing here waits for the pod label (it lets tooling select a clique's pods), so it
@@ -163,6 +170,7 @@ pub async fn run(args: DaemonArgs) -> Result<(), Error> {
     loop {
         let retry = state.retry_at;
         let restart = state.restart_at;
+        let reload = state.reload_at;
         let check = state.checker.next();
         tokio::select! {
             _ = sigterm.recv() => { tracing::info!("SIGTERM: leaving the clique"); break }
@@ -193,6 +201,8 @@ pub async fn run(args: DaemonArgs) -> Result<(), Error> {
                 };
                 tracing::warn!(%how, "nvidia-imex ended; restarting in 1s");
                 state.restart_at = Some(Instant::now() + imex::WATCHDOG_DELAY);
+                // The next process reads the mapping as it is when it starts.
+                state.reload_at = None;
                 state.imex_restarts += 1;
                 state.metrics.set_imex_running(false);
                 state.metrics.imex_restarted();
@@ -208,6 +218,7 @@ pub async fn run(args: DaemonArgs) -> Result<(), Error> {
                 state.restart_at = None;
                 state.start_imex();
             }
+            () = sleep_until(reload) => state.reload().await,
         }
     }
     state.shutdown().await;
@@ -440,6 +451,10 @@ struct State {
     imex: Imex,
     checker: Checker,
     restart_at: Option<Instant>,
+    /// When to look again whether a held-back SIGUSR1 can go out.
+    reload_at: Option<Instant>,
+    /// The wait before the next look, growing within [`RELOAD_POLL`].
+    reload_poll: Duration,
 }
 
 impl State {
@@ -559,16 +574,38 @@ impl State {
         let count = mappings.len();
         self.written = Some(mappings);
         let joined = self.written.iter().flatten().any(|m| m.ip == self.pod_ip);
-        let signalled = self.imex.running() && !first;
-        if signalled {
-            self.imex.signal("USR1").await;
+        self.metrics.peers_written(count);
+        if self.imex.running() && !first {
+            self.reload().await;
         } else if !self.imex.running() && joined && self.restart_at.is_none() {
             self.start_imex();
         }
-        self.metrics.peers_written(count, signalled);
+    }
+
+    /// Tells a running `nvidia-imex` to re-read the mapping, or, while it has no handler for
+    /// the signal yet (it would die of it), looks again a little later. Nothing is owed to a
+    /// process that is not running: the next one reads the mapping when it starts.
+    async fn reload(&mut self) {
+        self.reload_at = None;
+        if !self.imex.running() {
+            return;
+        }
+        if self.imex.handles_reload() {
+            self.reload_poll = RELOAD_POLL.0;
+            self.imex.signal("USR1").await;
+            self.metrics.peers_signalled();
+            return;
+        }
+        if self.reload_poll == RELOAD_POLL.0 {
+            tracing::info!("nvidia-imex has no SIGUSR1 handler yet; holding the peer re-read back");
+        }
+        self.reload_at = Some(Instant::now() + self.reload_poll);
+        self.reload_poll = (self.reload_poll * 2).min(RELOAD_POLL.1);
     }
 
     fn start_imex(&mut self) {
+        self.reload_at = None;
+        self.reload_poll = RELOAD_POLL.0;
         match self.imex.start() {
             Ok(()) => self.checker.started(),
             Err(err) => {

@@ -5,6 +5,11 @@
 //! child's PID is all `kill` needs. SIGUSR1 asks `nvidia-imex` to re-read its config and
 //! re-resolve its peers' names after the hosts block changed; SIGTERM stops it.
 //!
+//! SIGUSR1's default action is to terminate, so a process signalled before it has installed
+//! its handler dies. Peers join in bursts, milliseconds after `nvidia-imex` starts, which made
+//! that a real restart (and a NotReady row) on a loaded node. [`Imex::handles_reload`] reads
+//! the process's caught-signal mask so the caller can hold the signal until then.
+//!
 //! Failure modes: a start failure (binary missing: the base CDI spec was not applied) and an
 //! unexpected exit are both reported to the caller, which retries after [`WATCHDOG_DELAY`].
 
@@ -16,6 +21,9 @@ use crate::Error;
 
 /// Delay before restarting an `nvidia-imex` that exited or failed to start.
 pub const WATCHDOG_DELAY: Duration = Duration::from_secs(1);
+
+/// SIGUSR1's number on Linux (x86-64 and arm64).
+const SIGUSR1: u32 = 10;
 
 /// One supervised `nvidia-imex`.
 #[derive(Debug)]
@@ -70,6 +78,19 @@ impl Imex {
         status
     }
 
+    /// Whether the running process has a SIGUSR1 handler, so that the re-read signal cannot
+    /// kill it. True when that cannot be told (no procfs, or a status without `SigCgt`): the
+    /// signal then goes out as it would without the check. False when nothing runs.
+    pub fn handles_reload(&self) -> bool {
+        let Some(pid) = self.child.as_ref().and_then(tokio::process::Child::id) else {
+            return false;
+        };
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .ok()
+            .and_then(|status| catches(&status, SIGUSR1))
+            .unwrap_or(true)
+    }
+
     /// Sends `signal` (a `kill` name like `USR1`) to the running process, if any.
     pub async fn signal(&self, signal: &str) {
         let Some(pid) = self.child.as_ref().and_then(tokio::process::Child::id) else {
@@ -113,9 +134,64 @@ impl Imex {
     }
 }
 
+/// Whether a `/proc/<pid>/status` text says signal `signo` (1-based) has a handler: bit
+/// `signo - 1` of the hexadecimal `SigCgt` mask. `None` without a readable mask.
+pub fn catches(status: &str, signo: u32) -> Option<bool> {
+    let mask = status
+        .lines()
+        .find_map(|line| line.strip_prefix("SigCgt:"))?
+        .trim();
+    let mask = u64::from_str_radix(mask, 16).ok()?;
+    let bit = signo.checked_sub(1).filter(|b| *b < 64)?;
+    Some((mask >> bit) & 1 == 1)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn caught_signals_are_read_from_the_sigcgt_mask() {
+        let status = "Name:\tnvidia-imex\nSigIgn:\t0000000000000000\nSigCgt:\t0000000000000200\n";
+        assert_eq!(catches(status, SIGUSR1), Some(true));
+        assert_eq!(catches(status, 15), Some(false));
+        let none = "Name:\tnvidia-imex\nSigCgt:\t0000000000000000\n";
+        assert_eq!(catches(none, SIGUSR1), Some(false));
+        assert_eq!(catches("Name:\tx\n", SIGUSR1), None);
+        assert_eq!(catches("SigCgt:\tzz\n", SIGUSR1), None);
+        assert_eq!(catches(status, 0), None);
+    }
+
+    #[tokio::test]
+    async fn a_process_handles_reload_only_once_it_traps_usr1() {
+        let dir = tempfile::tempdir().unwrap();
+        let script = dir.path().join("imex");
+        let trapped = dir.path().join("trapped");
+        // Sleeps before installing its trap, as a process busy starting up would.
+        std::fs::write(
+            &script,
+            format!(
+                "#!/bin/sh\nsleep 0.3\ntrap 'true' USR1\ntrap 'exit 0' TERM\ntouch {}\nwhile :; do sleep 0.05; done\n",
+                trapped.display()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let mut imex = Imex::new(script, "/imexd/imexd.cfg");
+        assert!(!imex.handles_reload());
+        imex.start().unwrap();
+        assert!(!imex.handles_reload());
+        for _ in 0..500 {
+            if trapped.exists() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert!(trapped.exists());
+        assert!(imex.handles_reload());
+        imex.stop(Duration::from_secs(5)).await;
+    }
 
     #[tokio::test]
     async fn start_signal_and_stop_a_process() {

@@ -136,13 +136,14 @@ impl Metrics {
         self.imex_restarts.inc();
     }
 
-    /// Records the peer list written to the hosts block; `signalled` when a running
-    /// `nvidia-imex` was told to re-read it.
-    pub fn peers_written(&self, peers: usize, signalled: bool) {
+    /// Records the peer list written to the hosts block.
+    pub fn peers_written(&self, peers: usize) {
         self.peers.set(i64::try_from(peers).unwrap_or(i64::MAX));
-        if signalled {
-            self.peer_updates.inc();
-        }
+    }
+
+    /// Records that a running `nvidia-imex` was told to re-read the peer list.
+    pub fn peers_signalled(&self) {
+        self.peer_updates.inc();
     }
 
     /// Records one apply of the own row.
@@ -223,8 +224,9 @@ mod tests {
         m.set_ready(true);
         m.set_imex_running(true);
         m.imex_restarted();
-        m.peers_written(4, false);
-        m.peers_written(5, true);
+        m.peers_written(4);
+        m.peers_written(5);
+        m.peers_signalled();
         m.applied(results::SUCCESS, Duration::from_millis(30));
         m.applied(results::CONFLICT, Duration::from_secs(3));
         let text = exposition(&registry);
