@@ -7,14 +7,24 @@
 //! re-reads everything and prints the peers again, as the real daemon re-resolves its peers.
 //! Once started it writes `imex.state` next to its config (`READY` and its PID), which
 //! `nvdra-e2e-imex-ctl -q` reads; SIGTERM removes it and exits 0.
+//!
+//! Like the real daemon, it spends a moment initializing ([`STARTUP`]) before it handles any
+//! signal: a SIGUSR1 sent in that window kills it, as it would kill `nvidia-imex`. Peers join
+//! in bursts, so the ComputeDomain scenarios signal inside that window unless the IMEX daemon
+//! holds the signal back until the handler is in place.
 
 // Its output is this program's whole job: the suite reads it from the container log.
 #![allow(clippy::print_stdout)]
 
 use std::path::{Component, Path, PathBuf};
 
+use std::time::Duration;
+
 use clap::Parser as _;
 use tokio::signal::unix::{SignalKind, signal};
+
+/// Time from exec to the signal handlers being in place.
+const STARTUP: Duration = Duration::from_millis(300);
 
 /// The stand-in for `nvidia-imex`.
 #[derive(Debug, clap::Parser)]
@@ -79,6 +89,7 @@ fn log_peers(root: &Path, config: &Path) -> Result<(), String> {
 async fn main() -> Result<(), String> {
     let args = Args::parse();
     let io = |e: std::io::Error| e.to_string();
+    tokio::time::sleep(STARTUP).await;
     let mut term = signal(SignalKind::terminate()).map_err(io)?;
     let mut usr1 = signal(SignalKind::user_defined1()).map_err(io)?;
     log_peers(&args.container_root, &args.config)?;
