@@ -162,32 +162,42 @@ mod tests {
         assert_eq!(catches(status, 0), None);
     }
 
+    /// An executable `sh` script in `dir` with `body` after the shebang.
+    fn script(dir: &std::path::Path, body: &str) -> std::path::PathBuf {
+        let path = dir.join("imex");
+        std::fs::write(&path, format!("#!/bin/sh\n{body}")).unwrap();
+        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        path
+    }
+
+    /// Waits up to 5 s for `path` to exist: fixed sleeps raced on a loaded machine.
+    async fn appears(path: &std::path::Path) {
+        for _ in 0..500 {
+            if path.exists() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     #[tokio::test]
     async fn a_process_handles_reload_only_once_it_traps_usr1() {
         let dir = tempfile::tempdir().unwrap();
-        let script = dir.path().join("imex");
         let trapped = dir.path().join("trapped");
         // Sleeps before installing its trap, as a process busy starting up would.
-        std::fs::write(
-            &script,
-            format!(
-                "#!/bin/sh\nsleep 0.3\ntrap 'true' USR1\ntrap 'exit 0' TERM\ntouch {}\nwhile :; do sleep 0.05; done\n",
+        let script = script(
+            dir.path(),
+            &format!(
+                "sleep 0.3\ntrap 'true' USR1\ntrap 'exit 0' TERM\ntouch {}\nwhile :; do sleep 0.05; done\n",
                 trapped.display()
             ),
-        )
-        .unwrap();
-        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-            .unwrap();
+        );
         let mut imex = Imex::new(script, "/imexd/imexd.cfg");
         assert!(!imex.handles_reload());
         imex.start().unwrap();
         assert!(!imex.handles_reload());
-        for _ in 0..500 {
-            if trapped.exists() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        appears(&trapped).await;
         assert!(trapped.exists());
         assert!(imex.handles_reload());
         imex.stop(Duration::from_secs(5)).await;
@@ -196,37 +206,25 @@ mod tests {
     #[tokio::test]
     async fn start_signal_and_stop_a_process() {
         let dir = tempfile::tempdir().unwrap();
-        let script = dir.path().join("imex");
         let marker = dir.path().join("usr1");
         let trapped = dir.path().join("trapped");
-        std::fs::write(
-            &script,
-            format!(
-                "#!/bin/sh\ntrap 'echo usr1 >> {}' USR1\ntrap 'exit 0' TERM\ntouch {}\nwhile :; do sleep 0.05; done\n",
+        let script = script(
+            dir.path(),
+            &format!(
+                "trap 'echo usr1 >> {}' USR1\ntrap 'exit 0' TERM\ntouch {}\nwhile :; do sleep 0.05; done\n",
                 marker.display(),
                 trapped.display()
             ),
-        )
-        .unwrap();
-        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-            .unwrap();
+        );
         let mut imex = Imex::new(script, "/imexd/imexd.cfg");
         assert!(!imex.running());
         imex.start().unwrap();
         assert!(imex.running());
         // Signal only once the shell has installed its traps (it says so), and
-        // wait for the trap to run: fixed sleeps raced on a loaded machine.
-        let appears = |path: std::path::PathBuf| async move {
-            for _ in 0..500 {
-                if path.exists() {
-                    return;
-                }
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
-        };
-        appears(trapped).await;
+        // wait for the trap to run.
+        appears(&trapped).await;
         imex.signal("USR1").await;
-        appears(marker.clone()).await;
+        appears(&marker).await;
         tokio::time::sleep(Duration::from_millis(50)).await;
         assert_eq!(std::fs::read_to_string(&marker).unwrap(), "usr1\n");
         imex.stop(Duration::from_secs(5)).await;
