@@ -149,6 +149,7 @@ pub fn catches(status: &str, signo: u32) -> Option<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::readiness::tests::script;
 
     #[test]
     fn caught_signals_are_read_from_the_sigcgt_mask() {
@@ -160,15 +161,6 @@ mod tests {
         assert_eq!(catches("Name:\tx\n", SIGUSR1), None);
         assert_eq!(catches("SigCgt:\tzz\n", SIGUSR1), None);
         assert_eq!(catches(status, 0), None);
-    }
-
-    /// An executable `sh` script in `dir` with `body` after the shebang.
-    fn script(dir: &std::path::Path, body: &str) -> std::path::PathBuf {
-        let path = dir.join("imex");
-        std::fs::write(&path, format!("#!/bin/sh\n{body}")).unwrap();
-        std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755))
-            .unwrap();
-        path
     }
 
     /// Waits up to 5 s for `path` to exist: fixed sleeps raced on a loaded machine.

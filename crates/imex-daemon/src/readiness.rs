@@ -140,7 +140,7 @@ impl Checker {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use pretty_assertions::assert_eq;
 
@@ -164,7 +164,8 @@ mod tests {
         }
     }
 
-    fn script(dir: &std::path::Path, body: &str) -> PathBuf {
+    /// An executable `sh` script `dir/ctl` running `body` (also used by `crate::imex`'s tests).
+    pub(crate) fn script(dir: &std::path::Path, body: &str) -> PathBuf {
         let path = dir.join("ctl");
         std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
         std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755))
